@@ -1,0 +1,25 @@
+"""MoSLoRA (mixture-of-subspaces LoRA) adapters for Stable Diffusion-family models.
+
+Train with the mixer, ship as plain LoRA: delta W = s * B M A folds exactly into B' = B M.
+"""
+
+from .config import MIXER_INITS, MoSLoRAConfig
+from .inject import adapter_parameters, add_moslora
+from .layer import MoSLoRAConv2d, MoSLoRALinear, fold_mixer_into_lora_b, moslora_layers
+from .targets import PRESET_NAMES, PRESETS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MIXER_INITS",
+    "MoSLoRAConfig",
+    "MoSLoRAConv2d",
+    "MoSLoRALinear",
+    "PRESETS",
+    "PRESET_NAMES",
+    "__version__",
+    "adapter_parameters",
+    "add_moslora",
+    "fold_mixer_into_lora_b",
+    "moslora_layers",
+]

@@ -1,0 +1,173 @@
+"""The MoSLoRA layer, as a PEFT LoRA variant.
+
+    y = W0 x + s * B M A x      A: r x in (lora_A), M: r x r (lora_mixer), B: out x r (lora_B)
+
+The forward folds the mixer into A once per call (A' = M A, r^2 * in flops) instead of paying an
+r x r matmul per token; merging adds s * B M A to W0. Plain LoRA adapters can live in the same layer:
+only adapters created from a :class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as peft_lora_layer
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.tuners.lora.variants import _register_frozen_peft_weight
+from torch import nn
+
+MIXER = "lora_mixer"
+
+
+def init_mixer_(weight: torch.Tensor, mixer_init: str) -> None:
+    """Initialise an r x r mixer in place: kaiming-uniform (a=sqrt(5)), orthogonal or identity."""
+    with torch.no_grad():
+        if mixer_init == "kaiming":
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        elif mixer_init == "orthogonal":
+            nn.init.orthogonal_(weight)
+        elif mixer_init == "identity":
+            weight.copy_(torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        else:
+            raise ValueError(f"Unknown mixer_init {mixer_init!r}")
+
+
+def fold_mixer_into_lora_a(lora_a: torch.Tensor, mixer: torch.Tensor) -> torch.Tensor:
+    """A' = M A for a linear (r, in) or conv (r, in, kh, kw) down weight."""
+    return (mixer @ lora_a.flatten(1)).view_as(lora_a)
+
+
+def fold_mixer_into_lora_b(lora_b: torch.Tensor, mixer: torch.Tensor) -> torch.Tensor:
+    """B' = B M for a linear (out, r) or 1x1-conv (out, r, 1, 1) up weight; exact, so B' A == B M A."""
+    if lora_b.dim() == 4:
+        return (lora_b[..., 0, 0] @ mixer)[..., None, None]
+    return lora_b @ mixer
+
+
+class MoSLoRAVariant(LoraVariant):
+    """PEFT variant hooks: mixer creation, forward with the mixer folded into A, and merging."""
+
+    def supports_lora_conversion(self) -> bool:
+        return True  # B' = B M is exact
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, config, **kwargs: Any) -> None:
+        if MIXER not in module.adapter_layer_names:
+            # Per-instance, as DoRA does, so that set_adapter / delete_adapter / device moves see the mixer.
+            module.adapter_layer_names = module.adapter_layer_names[:] + (MIXER,)
+        if not hasattr(module, MIXER):
+            module.lora_mixer = nn.ModuleDict()
+        r = module.r[adapter_name]
+        weight_a = module.lora_A[adapter_name].weight
+        mixer = nn.Linear(r, r, bias=False).to(device=weight_a.device, dtype=weight_a.dtype)
+        init_mixer_(mixer.weight, config.mixer_init)
+        module.lora_mixer[adapter_name] = mixer
+        if not config.train_mixer:
+            # PEFT re-freezes registered weights after every set_adapter (which otherwise re-enables grads).
+            _register_frozen_peft_weight(module, adapter_name, MIXER)
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_a = module.lora_A[active_adapter]
+        folded_a = fold_mixer_into_lora_a(lora_a.weight, module.lora_mixer[active_adapter].weight)
+        x = module.lora_dropout[active_adapter](x)
+        if isinstance(lora_a, nn.Linear):
+            down = F.linear(x, folded_a)
+        else:
+            down = lora_a._conv_forward(x, folded_a, None)
+        return result + module.lora_B[active_adapter](down) * module.scaling[active_adapter]
+
+
+class _MoSLoRAMixin:
+    """Shared by the Linear and Conv2d layers: choose the variant from the config, and the delta weight."""
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        if getattr(config, "use_moslora", False):
+            return MoSLoRAVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def has_mixer(self, adapter_name: str) -> bool:
+        return adapter_name in getattr(self, MIXER, {})
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        if not self.has_mixer(adapter):
+            return super().get_delta_weight(adapter)
+        weight_b = self.lora_B[adapter].weight
+        dtype = weight_b.dtype
+        # fp16/bf16 matmuls are slow (and lossy) on CPU: compute in fp32 there, as PEFT does.
+        compute_dtype = torch.float32 if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+        weight_a = fold_mixer_into_lora_a(
+            self.lora_A[adapter].weight.to(compute_dtype), self.lora_mixer[adapter].weight.to(compute_dtype)
+        )
+        weight_b = weight_b.to(compute_dtype)
+        delta = delta_weight_from_factors(weight_b, weight_a, self.get_base_layer().weight.shape, getattr(self, "fan_in_fan_out", False))
+        return (delta * self.scaling[adapter]).to(dtype)
+
+
+def delta_weight_from_factors(
+    weight_b: torch.Tensor, weight_a: torch.Tensor, base_shape: torch.Size, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """B A shaped like the base weight: linear (out, in), or conv (out, in, kh, kw) with a 1x1 B."""
+    if weight_a.dim() == 2:
+        delta = weight_b @ weight_a
+        return delta.T if fan_in_fan_out else delta
+    # conv: B is (out, r, 1, 1); A is (r, in, kh, kw)
+    return torch.einsum("or,rikl->oikl", weight_b[..., 0, 0], weight_a).reshape(base_shape)
+
+
+class MoSLoRALinear(_MoSLoRAMixin, peft_lora_layer.Linear):
+    """PEFT ``lora.Linear`` whose MoSLoRA adapters carry an r x r mixer."""
+
+
+class MoSLoRAConv2d(_MoSLoRAMixin, peft_lora_layer.Conv2d):
+    """PEFT ``lora.Conv2d`` whose MoSLoRA adapters carry an r x r mixer (kernel on A, 1x1 on B)."""
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        if getattr(config, "use_moslora", False) and self.get_base_layer().groups != 1:
+            raise ValueError("MoSLoRA supports Conv2d layers with groups=1 only")
+        return super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+
+_LAYER_FOR_PEFT_CLASS = {peft_lora_layer.Linear: MoSLoRALinear, peft_lora_layer.Conv2d: MoSLoRAConv2d}
+
+
+def register_moslora_layers(config) -> None:
+    """Make PEFT build MoSLoRA layers for nn.Linear and nn.Conv2d targets of ``config``."""
+    config._register_custom_module({nn.Linear: MoSLoRALinear, nn.Conv2d: MoSLoRAConv2d})
+
+
+def upgrade_lora_layers(model: nn.Module) -> int:
+    """Turn existing plain PEFT LoRA layers into MoSLoRA layers in place (their adapters are unchanged).
+
+    Needed when a plain LoRA was loaded before a MoSLoRA adapter is added to the same modules: the
+    MoSLoRA classes add behaviour only for adapters that have a mixer. Returns how many were upgraded.
+    """
+    upgraded = 0
+    for module in model.modules():
+        target_cls = _LAYER_FOR_PEFT_CLASS.get(type(module))
+        if target_cls is not None:
+            module.__class__ = target_cls
+            upgraded += 1
+    return upgraded
+
+
+def moslora_layers(model: nn.Module):
+    """(name, layer) for every layer of ``model`` that holds at least one mixer."""
+    for name, module in model.named_modules():
+        if isinstance(module, _MoSLoRAMixin) and len(getattr(module, MIXER, {})) > 0:
+            yield name, module

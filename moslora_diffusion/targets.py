@@ -1,0 +1,95 @@
+"""Which modules to adapt: named presets per model kind, in one table.
+
+A preset name (``"attention"``, the default, or ``"attention+ff"``, which adds the feed-forward
+layers) resolves to PEFT ``target_modules`` for the model it is applied to. Anything else given as
+``target_modules`` (a list of module-name suffixes or a regex string) is passed to PEFT unchanged.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_JOINT_ATTN = _UNET_ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_T5_ATTN = ["q", "k", "v", "o"]
+
+# model kind -> preset -> module-name suffixes
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "unet": {
+        "attention": _UNET_ATTN,
+        "attention+ff": _UNET_ATTN + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+    },
+    "sd3_transformer": {
+        "attention": _JOINT_ATTN,
+        "attention+ff": _JOINT_ATTN + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    },
+    "flux_transformer": {
+        "attention": _JOINT_ATTN,
+        # Single blocks: proj_mlp feeds the MLP; proj_out (also the model's final projection) maps back.
+        "attention+ff": _JOINT_ATTN
+        + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
+    },
+    "clip_text": {"attention": _CLIP_ATTN, "attention+ff": _CLIP_ATTN + ["fc1", "fc2"]},
+    "t5_text": {"attention": _T5_ATTN, "attention+ff": _T5_ATTN + ["wi_0", "wi_1", "wo"]},
+}
+PRESET_NAMES = ("attention", "attention+ff")
+DEFAULT_PRESET = "attention"
+
+_KIND_BY_CLASS = {
+    "UNet2DConditionModel": "unet",
+    "SD3Transformer2DModel": "sd3_transformer",
+    "FluxTransformer2DModel": "flux_transformer",
+    "CLIPTextModel": "clip_text",
+    "CLIPTextModelWithProjection": "clip_text",
+    "T5EncoderModel": "t5_text",
+}
+
+
+def model_kind(model: nn.Module) -> str:
+    """The preset table's key for ``model`` (by class, subclasses included)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _KIND_BY_CLASS:
+            return _KIND_BY_CLASS[cls.__name__]
+    raise ValueError(
+        f"No MoSLoRA target preset for {type(model).__name__}; supported: {sorted(_KIND_BY_CLASS)}. "
+        "Pass target_modules explicitly to adapt another model."
+    )
+
+
+def check_preset_name(name: str) -> str:
+    if name not in PRESET_NAMES:
+        raise ValueError(f"Unknown target preset {name!r}; presets are {list(PRESET_NAMES)} (or give module names)")
+    return name
+
+
+def preset_union(name: str) -> list[str]:
+    """Every kind's modules for preset ``name``: a model-agnostic value for ``LoraConfig.target_modules``.
+
+    Names that a model lacks simply match nothing; ``add_moslora`` narrows this to the model's own list.
+    """
+    check_preset_name(name)
+    return sorted({m for kind in PRESETS.values() for m in kind[name]})
+
+
+def resolve_target_modules(model: nn.Module, preset_or_modules: str | list[str] | None) -> list[str] | str:
+    """Turn a preset name (or None) into ``model``'s module list; pass explicit modules through."""
+    if preset_or_modules is None:
+        preset_or_modules = DEFAULT_PRESET
+    if isinstance(preset_or_modules, str) and preset_or_modules in PRESET_NAMES:
+        return list(PRESETS[model_kind(model)][preset_or_modules])
+    return preset_or_modules
+
+
+def parse_target_modules(value: str) -> str | list[str]:
+    """Command-line form: a preset name, or a comma-separated list of module names."""
+    value = value.strip()
+    if value in PRESET_NAMES:
+        return value
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"--target_modules {value!r}: give a preset ({', '.join(PRESET_NAMES)}) or module names")
+    if len(names) == 1 and not any(c in names[0] for c in ".*_") and names[0] not in {"q", "k", "v", "o"}:
+        # A lone word that is neither a preset nor looks like a module name is almost surely a typo.
+        raise ValueError(f"Unknown target preset {names[0]!r}; presets are {list(PRESET_NAMES)} (or give module names)")
+    return names
