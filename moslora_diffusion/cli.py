@@ -1,0 +1,211 @@
+"""The ``moslora`` command: one small function per subcommand, registered in ``SUBCOMMANDS``.
+
+    moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
+    moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
+    moslora resize ADAPTER --rank K --output_dir DIR     exact best rank-K approximation of each s B M A
+
+To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args) -> int`` and add a
+``Subcommand`` to ``SUBCOMMANDS``; import heavy modules inside the run function. Errors meant for people
+(ValueError, FileNotFoundError, FileExistsError) become one line, ``moslora: error: ...``, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="native moslora_weights.safetensors, or the folder holding it")
+    parser.add_argument("--to", choices=("diffusers", "kohya", "both"), default="both", help="layouts to write (default: both)")
+    parser.add_argument("--output_dir", help="where to write (default: the adapter's folder)")
+    parser.add_argument("--title", help="title on the kohya LoRA card (default: the output folder's name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .formats import find_adapter_file, read_adapter_file, write_adapter_files
+
+    source = find_adapter_file(args.adapter)
+    state = read_adapter_file(source)
+    if state.source_format != "native":
+        raise ValueError(f"{source}: is a {state.source_format} file; export reads a native MoSLoRA file (moslora_weights.safetensors)")
+    layouts = ("diffusers", "kohya") if args.to == "both" else (args.to,)
+    output_dir = Path(args.output_dir) if args.output_dir else source.parent
+    paths = write_adapter_files(state, output_dir, layouts, title=args.title, overwrite=args.overwrite)
+    for layout, path in paths.items():
+        print(f"{layout}: {path}")
+    modules = sum(len(c.layers) for c in state.components.values())
+    print(f"Exported {state.family} adapter ({modules} modules, mixer folded) to {output_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="an adapter file (native, diffusers or kohya), or a folder holding one")
+    parser.add_argument("--weight_name", help="file name inside a folder")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        help="a local diffusers pipeline folder: also check that the adapter fits it (family, modules, shapes)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .formats import find_adapter_file, mixer_statistics, read_adapter_file
+    from .loaders import check_adapter_file
+
+    path = find_adapter_file(args.file, args.weight_name)
+    if args.pretrained_model_name_or_path:
+        state = check_adapter_file(path, args.pretrained_model_name_or_path)
+    else:
+        state = read_adapter_file(path)
+    report = {
+        "file": str(path),
+        "format": state.source_format,
+        "family": state.family,
+        "base_model": state.base_model,
+        "fits": args.pretrained_model_name_or_path,
+        "components": {},
+        "layers": {},
+    }
+    for component, adapter in state.components.items():
+        ranks = sorted({layer.rank for layer in adapter.layers.values()})
+        alphas = sorted({round(layer.scale * layer.rank, 6) for layer in adapter.layers.values()})
+        report["components"][component] = {
+            "modules": len(adapter.layers),
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "lora_alpha": adapter.config.get("lora_alpha"),
+            "use_rslora": adapter.config.get("use_rslora"),
+            "kohya_alpha": alphas[0] if len(alphas) == 1 else alphas,
+            "mixer": adapter.config.get("mixer_init") if adapter.config.get("use_moslora") else None,
+            "train_mixer": adapter.config.get("train_mixer"),
+            "target_modules": adapter.config.get("target_modules"),
+        }
+        for module, layer in adapter.layers.items():
+            if layer.mixer is not None:
+                report["layers"][f"{component}.{module}"] = mixer_statistics(layer.mixer)
+    if args.json:
+        print(json.dumps(report, indent=2, default=_json_number))
+    else:
+        _print_inspect_report(report)
+    return 0
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and math.isinf(value) else str(value)
+
+
+def _print_inspect_report(report: dict) -> None:
+    print(f"file:       {report['file']}")
+    print(f"format:     {report['format']}")
+    print(f"family:     {report['family'] or 'unknown'}")
+    print(f"base model: {report['base_model'] or 'unknown'}")
+    if report["fits"]:
+        print(f"fits:       {report['fits']} (family, module names and shapes checked)")
+    for component, info in report["components"].items():
+        mixer = f"mixer {info['mixer']}, {'trainable' if info['train_mixer'] else 'frozen'}" if info["mixer"] else "no mixer (plain LoRA)"
+        rslora = ", rsLoRA" if info["use_rslora"] else ""
+        print(
+            f"{component}: {info['modules']} modules, rank {info['rank']}, alpha {info['lora_alpha']}{rslora} "
+            f"(kohya alpha {info['kohya_alpha']}), {mixer}"
+        )
+    layers = report["layers"]
+    if not layers:
+        return
+    distances = [s["distance_from_identity"] for s in layers.values()]
+    print(
+        f"mixers: {len(layers)} layers; ||M - I||_F / ||I||_F min {min(distances):.4f}, "
+        f"mean {sum(distances) / len(distances):.4f}, max {max(distances):.4f}"
+    )
+    width = max(len(name) for name in layers)
+    print(f"{'layer'.ljust(width)}  sv_max   sv_min   cond      |M-I|/|I|")
+    for name, s in layers.items():
+        print(f"{name.ljust(width)}  {s['sv_max']:<8.4f} {s['sv_min']:<8.4f} {s['condition']:<9.3g} {s['distance_from_identity']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# resize
+
+
+def _resize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="an adapter file or folder (native: all three layouts are written)")
+    parser.add_argument("--rank", type=int, required=True, help="the new rank k")
+    parser.add_argument("--output_dir", required=True, help="folder for the resized adapter")
+    parser.add_argument("--weight_name", help="file name inside a folder")
+    parser.add_argument("--title", help="title on the kohya LoRA card")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    parser.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+
+
+def _run_resize(args: argparse.Namespace) -> int:
+    from .formats import FORMATS, read_adapter_file, resize_adapter, write_adapter_files
+
+    state = read_adapter_file(args.adapter, args.weight_name)
+    resized, report = resize_adapter(state, args.rank)
+    layouts = FORMATS if state.source_format == "native" else (state.source_format,)
+    paths = write_adapter_files(resized, args.output_dir, layouts, title=args.title, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"rank": report.rank, "energy": report.energy, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+        return 0
+    width = max(len(name) for name in report.energy)
+    for name, energy in report.energy.items():
+        print(f"{name.ljust(width)}  retained energy {energy:.6f}")
+    for layout, path in paths.items():
+        print(f"{layout}: {path}")
+    print(f"Resized to {report.summary()}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "export": Subcommand("write the folded diffusers and/or kohya files of a native adapter", _export_arguments, _run_export),
+    "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
+    "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moslora", description="Train MoSLoRA adapters and ship them as plain LoRA.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, subcommand in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
+        subcommand.add_arguments(sub)
+        sub.set_defaults(run=subcommand.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"moslora: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
