@@ -3,6 +3,7 @@
     moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
     moslora resize ADAPTER --rank K --output_dir DIR     exact best rank-K approximation of each s B M A
+    moslora merge --base DIR --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
 
 To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args) -> int`` and add a
 ``Subcommand`` to ``SUBCOMMANDS``; import heavy modules inside the run function. Errors meant for people
@@ -179,11 +180,38 @@ def _run_resize(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# merge
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="the base model: a local diffusers pipeline folder (or a Hub id, fetched if online)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="PATH[:WEIGHT]",
+        help="an adapter file or folder (native, folded diffusers or kohya, or any LoRA file diffusers reads) and "
+        "its weight (default 1); repeat to merge several",
+    )
+    parser.add_argument("--output", required=True, help="OUT_DIR (a diffusers folder) or OUT.safetensors (a single file in the original layout)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the output's floating-point weights (default: as the base)")
+    parser.add_argument("--components", help="comma-separated components to merge into, e.g. unet,text_encoder (default: all the adapters change)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output, once the new one is complete")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .merge import run_merge
+
+    return run_merge(args)
+
+
+# ------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "export": Subcommand("write the folded diffusers and/or kohya files of a native adapter", _export_arguments, _run_export),
     "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
     "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
+    "merge": Subcommand("bake adapters into a base model: a diffusers folder or a single-file checkpoint", _merge_arguments, _run_merge),
 }
 
 

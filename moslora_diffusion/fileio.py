@@ -9,6 +9,7 @@ safetensors (no pickle) and turns every parse failure into one ``ValueError`` na
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -127,3 +128,145 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming safetensors: one tensor in memory at a time, for files the size of a whole model.
+
+# The format's dtype codes (https://github.com/huggingface/safetensors, "Format").
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file: dtype, shape and absolute byte range."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsReader:
+    """Reads a safetensors file one tensor at a time with plain file reads.
+
+    ``safe_open`` memory-maps the whole file, and every page it touches stays resident; reading each
+    tensor into its own buffer instead keeps memory at one tensor however large the file. The header is
+    checked when opening, so a corrupt or truncated file is one ``ValueError`` naming it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"{self.path}: no such file")
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        try:
+            self.tensors, self.metadata = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len <= 0 or header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{self.path}: not a valid safetensors file (bad header length); the file is corrupt or truncated")
+        try:
+            header = json.loads(self._file.read(header_len))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{self.path}: not a valid safetensors file (unreadable header: {err})") from None
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_len
+        tensors = {}
+        for name, entry in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: not a valid safetensors file (bad header entry for {name!r})") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or data_start + end > size or begin < 0:
+                raise ValueError(f"{self.path}: tensor {name!r} lies outside the file; the file is corrupt or truncated")
+            tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+        return tensors, dict(metadata)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, in a fresh buffer of its own (writable, on the CPU)."""
+        info = self.tensors[name]
+        buffer = bytearray(info.end - info.start)
+        self._file.seek(info.start)
+        if self._file.readinto(buffer) != len(buffer):
+            raise ValueError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensor_for,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file whose tensors are produced one by one; returns the bytes of tensor data.
+
+    ``entries`` declares (name, dtype, shape) of every tensor in file order, so the header can be written
+    first; ``tensor_for(name)`` then produces each tensor, which is written and dropped before the next.
+    Writes ``path`` directly: call it on the temporary path of :func:`atomic_path` / :func:`atomic_directory`.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for name, dtype, shape in entries:
+            tensor = tensor_for(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(
+                    f"{path}: tensor {name!r} came out {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}"
+                )
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return offset
