@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +73,6 @@ def run_route(route: str, base: Path, adapter: Path, output: Path, dtype: str) -
 
     from moslora_diffusion.merge import merge_checkpoint
 
-    torch.set_num_threads(max(1, os.cpu_count() // 2))
     start = time.perf_counter()
     if route.startswith("streaming"):
         merge_checkpoint(base, [(adapter, 1.0)], output, dtype=dtype)
@@ -95,6 +96,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
@@ -104,6 +112,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="Base and output dtype.")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None, help="Keep the base and adapter here (default: a temp folder).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per route; the table shows the median time and the largest peak.")
     parser.add_argument("--child", nargs=4, metavar=("ROUTE", "BASE", "ADAPTER", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,18 +145,23 @@ def main() -> None:
         results = {}
         for route in ROUTES:
             output = workdir / ("out.safetensors" if "single" in route else f"out_{route.split()[0]}")
-            subprocess.run(["rm", "-rf", str(output)], check=True)
-            command = [sys.executable, __file__, "--dtype", args.dtype, "--child", route, str(base), str(adapter), str(output)]
-            print(f"running {route} ...", file=sys.stderr)
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            results[route] = json.loads(done.stdout.strip().splitlines()[-1])
-            results[route]["output_bytes"] = weights_bytes(output) if output.exists() else 0
-            if output.is_file():
-                results[route]["output_bytes"] = output.stat().st_size
-            subprocess.run(["rm", "-rf", str(output)], check=True)
+            runs = []
+            for repeat in range(args.repeats if route != "imports only" else 1):
+                _remove(output)
+                command = [sys.executable, __file__, "--dtype", args.dtype, "--child", route, str(base), str(adapter), str(output)]
+                print(f"running {route} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr)
+                done = subprocess.run(command, check=True, capture_output=True, text=True)
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results[route] = {
+                "seconds": statistics.median(r["seconds"] for r in runs),
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+                "output_bytes": (output.stat().st_size if output.is_file() else weights_bytes(output)) if output.exists() else 0,
+            }
+            _remove(output)
 
     gib = 2**30
     print(f"\nBase model weights: {model_bytes / gib:.2f} GiB ({args.dtype}); adapter rank {args.rank} on every attention projection; {os.cpu_count()} CPUs\n")
+    print(f"Median of {args.repeats} runs per route (each in a fresh process; imports not timed); peak RSS is the largest.\n")
     print("| route | time (s) | peak RSS (GiB) | peak RSS / model size | output (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for route, r in results.items():

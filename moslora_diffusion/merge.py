@@ -186,8 +186,9 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _adapter_file(spec: AdapterSpec) -> Path:
-    """The adapter's weight file (validated: safetensors only, readable), as load_moslora_weights picks it."""
+def _adapter_file(spec: AdapterSpec) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's weight file, as load_moslora_weights picks it, with its tensors and metadata
+    (safetensors only; a corrupt file is one ValueError naming it)."""
     from .formats import find_adapter_file
 
     if not spec.path.exists():
@@ -196,8 +197,8 @@ def _adapter_file(spec: AdapterSpec) -> Path:
         path = find_adapter_file(spec.path)
     except FileNotFoundError as err:
         raise ValueError(f"adapter {_first_line(err)}") from None
-    load_safetensors(path)  # refuses pickles; a corrupt file is one ValueError naming it
-    return path
+    tensors, metadata = load_safetensors(path)
+    return path, tensors, metadata
 
 
 @contextlib.contextmanager
@@ -249,37 +250,54 @@ def _quiet_loading():
 
 
 def _load_adapter(pipe, family: type[Family], spec: AdapterSpec, adapter_name: str) -> None:
-    """Load ``spec`` into ``pipe`` as ``adapter_name``: our layouts through load_moslora_weights (which
-    folds the mixer and checks family and shapes), anything else through diffusers' load_lora_weights."""
-    from .formats import FACTOR_SUFFIXES, NATIVE_HEADER_KEY, read_adapter_file
+    """Load ``spec`` into ``pipe`` as ``adapter_name``.
+
+    Our layouts go through load_moslora_weights (which folds the mixer and checks family and shapes).
+    A folded or kohya-style file it cannot place (say an SDXL LoRA with SGM-named kohya keys from another
+    trainer), and any other file, then goes through diffusers' own load_lora_weights, which knows more
+    formats. A native file never does: stock loaders would drop its mixer.
+    """
+    from .formats import detect_format
     from .loaders import load_moslora_weights
 
-    path = _adapter_file(spec)
+    path, tensors, metadata = _adapter_file(spec)
     try:
-        read_adapter_file(path)
-        ours = True
-    except ValueError as err:
-        tensors, metadata = load_safetensors(path)
-        if NATIVE_HEADER_KEY in metadata or any(k.endswith(FACTOR_SUFFIXES["native"]["M"]) for k in tensors):
-            raise ValueError(f"adapter {_first_line(err)}") from None  # a broken native file: never drop its mixer
-        ours = False  # not one of our layouts: maybe a LoRA format only diffusers knows
-    with _quiet_loading() as unexpected:
-        try:
-            if ours:
-                load_moslora_weights(pipe, path, adapter_name=adapter_name)
-            else:
-                # use_safetensors=True: never fall back to unpickling a .bin beside it.
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True)
-        except Exception as err:  # noqa: BLE001 - any loader failure is one line naming the file
-            message = _first_line(err)
-            if str(path) not in message:
-                message = f"{path}: {message}"
-            raise ValueError(f"adapter {message} (is it for another model family? the base is {family.name})") from None
-    if unexpected:
-        raise ValueError(
-            f"adapter {path}: has weights that no layer of the {family.name} base model takes "
-            f"({unexpected[0][:160]}...); was it made for another model family?"
-        )
+        layout = detect_format(tensors, metadata, path)
+    except ValueError:
+        layout = None
+    del tensors
+    attempts = []
+    if layout is not None:
+        attempts.append(lambda: load_moslora_weights(pipe, path, adapter_name=adapter_name))
+    if layout != "native":
+        # use_safetensors=True: never fall back to unpickling a .bin beside it.
+        attempts.append(lambda: pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True))
+    first_error = None
+    for load in attempts:
+        failed = None
+        with _quiet_loading() as unexpected:
+            try:
+                load()
+            except Exception as err:  # noqa: BLE001 - any loader failure becomes one line naming the file
+                failed = err
+        if unexpected:
+            raise ValueError(
+                f"adapter {path}: has weights that no layer of the {family.name} base model takes "
+                f"({unexpected[0][:160]}...); was it made for another model family?"
+            )
+        if failed is None:
+            return
+        first_error = first_error or failed
+        if _has_adapter(pipe, family, adapter_name):
+            break  # partly loaded: no clean second try
+    message = _first_line(first_error)
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    raise ValueError(f"adapter {message} (is it for another model family? the base is {family.name})")
+
+
+def _has_adapter(pipe, family: type[Family], adapter_name: str) -> bool:
+    return any(adapter_name in (getattr(getattr(pipe, c, None), "peft_config", None) or {}) for c in family.adapter_components())
 
 
 def _adapter_names(layer) -> set[str]:
@@ -608,6 +626,10 @@ class _MergePlan:
     # -- writing ------------------------------------------------------------------------------------
 
     def write(self) -> int:
+        # One tensor at a time is memory- and I/O-bound work on small matmuls: a thread pool only adds
+        # synchronisation, which on a busy machine made the merge 2-3x slower (benchmarks/bench_merge.py).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             if self.single_file:
                 with atomic_path(self.output) as tmp:
@@ -615,6 +637,7 @@ class _MergePlan:
             with atomic_directory(self.output, overwrite=self.overwrite) as tmp:
                 return self._write_folder(tmp)
         finally:
+            torch.set_num_threads(threads)
             self.merged.close()
 
     def _progress(self, total: int, desc: str):

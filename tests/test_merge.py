@@ -264,6 +264,47 @@ def test_native_and_kohya_files_merge_like_the_folded_file(which, saved_moslora_
             torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
 
 
+def _sgm_kohya_twin(diffusers_file: Path, unet_config: dict, alpha: float, target: Path) -> Path:
+    """The same SDXL LoRA with kohya keys in SGM names (lora_unet_input_blocks_4_1_...), as sd-scripts writes."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from moslora_diffusion.single_file import _apply_rules, _unet_rules
+
+    tensors = load_file(diffusers_file)
+    unet_weights = [k.removeprefix("unet.").partition(".lora_")[0] + ".weight" for k in tensors if k.startswith("unet.")]
+    rules = [(re.compile(rule[0]), *rule[1:]) for rule in _unet_rules(unet_weights, unet_config)]
+    kohya = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        module, _, factor = rest.partition(".lora_")
+        if component == "unet":
+            stem = "lora_unet_" + _apply_rules(rules, f"{module}.weight", "unet")[0].removesuffix(".weight")
+        else:
+            stem = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component] + "text_model." + module.removeprefix("text_model.")
+        stem = stem.replace(".", "_")
+        kohya[f"{stem}.lora_down.weight" if factor.startswith("A") else f"{stem}.lora_up.weight"] = value
+        kohya[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(kohya, str(target))
+    return target
+
+
+def test_lora_only_diffusers_reads_merges_through_its_loader(tiny_base, lora_file, tmp_path):
+    from safetensors.torch import load_file
+
+    # load_moslora_weights cannot place SGM-named kohya keys; diffusers' own loader can, and is tried next.
+    base = tiny_base("sdxl")
+    twin = _sgm_kohya_twin(lora_file("sdxl"), json.loads((base / "unet" / "config.json").read_text()), 8, tmp_path / "sgm_kohya.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(twin))
+    got = merge_adapters(DiffusionPipeline.from_pretrained(base), [(twin, 0.7)])
+    expected = merge_adapters(DiffusionPipeline.from_pretrained(base), [(lora_file("sdxl"), 0.7)])
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        want = getattr(expected, component).state_dict()
+        for key, value in getattr(got, component).state_dict().items():
+            torch.testing.assert_close(value, want[key], rtol=0, atol=1e-6, msg=f"{component}.{key}")
+
+
 # --------------------------------------------------------------------------------------------------
 # dtype
 
