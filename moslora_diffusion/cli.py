@@ -1,5 +1,6 @@
 """The ``moslora`` command: one small function per subcommand, registered in ``SUBCOMMANDS``.
 
+    moslora train --config FILE | --pretrained_model_name_or_path ... (flags of train_dreambooth_moslora.py)
     moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
     moslora resize ADAPTER --rank K --output_dir DIR     exact best rank-K approximation of each s B M A
@@ -180,6 +181,23 @@ def _run_resize(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# train
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every flag goes to the DreamBooth recipe's own parser, so `moslora train` and
+    # train_scripts/train_dreambooth_moslora.py take the same flags and --config files, --help included.
+    parser.prefix_chars = "\0"
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="the flags of train_dreambooth_moslora.py (see moslora train --help)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training.dreambooth import main as train_main
+
+    return train_main(args.train_args, prog="moslora train")
+
+
+# ------------------------------------------------------------------------------------------------
 # merge
 
 
@@ -208,6 +226,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand("DreamBooth-train a MoSLoRA adapter (SD 1.x/2.x, SDXL, SD3, Flux); flags as diffusers' scripts", _train_arguments, _run_train),
     "export": Subcommand("write the folded diffusers and/or kohya files of a native adapter", _export_arguments, _run_export),
     "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
     "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
@@ -232,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"moslora: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # A full disk, a read-only folder: every output is written atomically, so the old files are intact.
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"moslora: error: {where}{err.strerror or err} (no file was left half-written)", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -1,0 +1,131 @@
+"""Training checkpoints: accelerate ``save_state`` / ``load_state`` into ``output_dir/checkpoint-<step>``.
+
+A checkpoint holds the adapters only (one safetensors file per trained component, not the frozen base
+weights), the optimizer, the LR scheduler, every process's RNG streams and a small ``training_state.json``
+(step, seed). It is written under a temporary name and renamed when complete, so a crash leaves the
+previous checkpoints as they were; ``--checkpoints_total_limit`` prunes the oldest after a successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..fileio import atomic_path, load_safetensors, save_safetensors
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (lowest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_checkpoint(output_dir: str | Path, value: str) -> Path:
+    """The checkpoint ``--resume_from_checkpoint value`` names: "latest", a checkpoint-N name, or a path."""
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no checkpoint-<step> folder in --output_dir '{output_dir}'; "
+                "drop the flag to start a new run"
+            )
+        return checkpoints[-1]
+    path = Path(value)
+    if not path.is_dir() and (Path(output_dir) / value).is_dir():
+        path = Path(output_dir) / value
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint '{value}': no such checkpoint folder (nor in --output_dir '{output_dir}')")
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint '{path}' is not a checkpoint of this trainer (no {STATE_FILE})")
+    return path
+
+
+def read_training_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of ``model`` (A, B and mixer, trainable or not), by parameter name."""
+    return {name: param.detach() for name, param in model.named_parameters() if "lora_" in name}
+
+
+def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Module]) -> None:
+    """Make ``save_state`` / ``load_state`` store only the adapters of the prepared ``components``.
+
+    ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model.
+    """
+    names = {id(model): name for name, model in components.items()}
+
+    def component_name(model: nn.Module) -> str:
+        return names[id(accelerator.unwrap_model(model))]
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                save_safetensors(adapter_state_dict(unwrapped), Path(output_dir) / f"adapter_{component_name(model)}.safetensors")
+        # Emptying ``weights`` stops accelerate from also writing the full (frozen) models.
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            path = Path(input_dir) / f"adapter_{component_name(model)}.safetensors"
+            tensors, _ = load_safetensors(path)
+            params = dict(accelerator.unwrap_model(model).named_parameters())
+            expected = {name for name in params if "lora_" in name}
+            if set(tensors) != expected:
+                missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
+                raise ValueError(f"{path}: adapter does not match this run's settings (first offending key: {missing[0]})")
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    params[name].copy_(tensor)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, training_state: dict, total_limit: int | None) -> Path:
+    """``save_state`` into ``output_dir/checkpoint-<step>`` (complete or absent), then prune. All processes call it."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        with atomic_path(tmp / STATE_FILE) as state_tmp:
+            state_tmp.write_text(json.dumps(training_state, indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints so that at most ``total_limit`` remain; returns the deleted ones."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    doomed = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed

@@ -1,0 +1,115 @@
+"""The README.md model card written next to the adapter, in the Hugging Face hub's format.
+
+YAML front matter (base_model, instance_prompt, license, tags, widget images) and then what a user
+needs: the adapter's settings, the validation images, and how to load the files with stock diffusers,
+in webui/ComfyUI, and with moslora_diffusion for further training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..fileio import atomic_path
+
+
+@dataclass
+class ModelCard:
+    base_model: str
+    family: type  # a moslora_diffusion.families.Family subclass
+    instance_prompt: str
+    validation_prompt: str | None
+    adapter_settings: dict  # name -> value, shown as a table
+    training_settings: dict
+    validation_images: list[str] = field(default_factory=list)  # file names inside the output folder
+    files: dict = field(default_factory=dict)  # role -> file name
+    license: str | None = None
+
+    def front_matter(self) -> dict:
+        meta = {
+            "base_model": self.base_model,
+            "instance_prompt": self.instance_prompt,
+            "license": self.license or self.family.license,
+            "library_name": "diffusers",
+            "tags": ["text-to-image", "diffusers", "lora", "moslora", "dreambooth", "template:sd-lora", *self.family.hub_tags],
+        }
+        if self.validation_images:
+            meta["widget"] = [{"text": self.validation_prompt or self.instance_prompt, "output": {"url": name}} for name in self.validation_images]
+        return meta
+
+    def render(self) -> str:
+        front = yaml.safe_dump(self.front_matter(), sort_keys=False, allow_unicode=True).strip()
+        lora_file = self.files.get("diffusers", "pytorch_lora_weights.safetensors")
+        lines = [
+            "---",
+            front,
+            "---",
+            "",
+            f"# MoSLoRA DreamBooth adapter for `{self.base_model}`",
+            "",
+            f"A MoSLoRA (mixture-of-subspaces LoRA, Wu et al. 2024) adapter trained with DreamBooth on a {self.family.name} base. "
+            f"Trigger it with the instance prompt: `{self.instance_prompt}`.",
+            "",
+            "The mixer M of delta W = s * B M A is folded into B for the plain LoRA files below, so they load in any "
+            "tool that reads LoRA, with the same outputs as the MoSLoRA model.",
+            "",
+            "## Files",
+            "",
+            "| file | what it is |",
+            "| --- | --- |",
+        ]
+        descriptions = {
+            "diffusers": "plain LoRA (mixer folded in) for `pipe.load_lora_weights`",
+            "kohya": "the same LoRA with kohya/webui keys, for AUTOMATIC1111, Forge and ComfyUI",
+            "native": "MoSLoRA with the mixer unfolded, for resuming, analysis and further training",
+        }
+        for role, name in self.files.items():
+            lines.append(f"| `{name}` | {descriptions.get(role, role)} |")
+        lines += ["", "## Adapter", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_cell(value)} |" for key, value in self.adapter_settings.items()]
+        lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_cell(value)} |" for key, value in self.training_settings.items()]
+        if self.validation_images:
+            lines += ["", "## Validation images", "", f"Prompt: `{self.validation_prompt}`", ""]
+            lines += [f"![validation image {i}]({name})" for i, name in enumerate(self.validation_images)]
+        if self.base_model.startswith("tiny:"):  # the offline smoke base: random weights, built in memory
+            load_base = [
+                "from moslora_diffusion.testing import make_tiny_pipeline",
+                "",
+                f'pipe = make_tiny_pipeline("{self.base_model[len("tiny:"):]}")  # the tiny random base this was trained on',
+            ]
+        else:
+            load_base = [
+                "import torch",
+                "from diffusers import AutoPipelineForText2Image",
+                "",
+                f'pipe = AutoPipelineForText2Image.from_pretrained("{self.base_model}", torch_dtype=torch.float16).to("cuda")',
+            ]
+        lines += [
+            "",
+            "## Use it with diffusers",
+            "",
+            "```python",
+            *load_base,
+            f'pipe.load_lora_weights("path/to/this/folder", weight_name="{lora_file}")',
+            f'image = pipe("{self.validation_prompt or self.instance_prompt}").images[0]',
+            "```",
+            "",
+            "In webui or ComfyUI, put the kohya file in the LoRA folder. With moslora_diffusion, "
+            "`moslora_diffusion.loaders` loads the native file with its mixer for further training.",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.render(), encoding="utf-8")
+        return Path(path)
+
+
+def _cell(value) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    return f"`{value}`" if value not in (None, "") else "-"

@@ -1,0 +1,183 @@
+"""Flags, --config files, and bad input: one clear line, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from train_support import PROMPT, REPO, SUBJECT, run_main, tiny_run_argv
+
+from moslora_diffusion.training.args import UsageError, parse_args
+
+
+def _bad_input(capsys, argv, expected: str, output_dir) -> None:
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    assert expected in lines[0], lines[0]
+    assert not output_dir.exists(), "bad input must not create the output folder"
+
+
+def _folder_without_images(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.txt").write_text("not an image")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "c.jpg").write_bytes(b"")
+    return folder
+
+
+def _unsupported_pipeline(tmp_path):
+    folder = tmp_path / "kandinsky"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    return folder
+
+
+# case -> (flags replacing/added to a good tiny run, expected text). Callables build fixtures in tmp_path.
+BAD_INPUTS = {
+    "missing instance dir": (lambda t: ["--instance_data_dir", str(t / "nope")], "--instance_data_dir '"),
+    "empty instance dir": (lambda t: ["--instance_data_dir", str((t / "empty").mkdir() or t / "empty")], "is empty"),
+    "no readable images": (
+        lambda t: ["--instance_data_dir", str(_folder_without_images(t))],
+        "holds no readable images (found 3 files: a.txt, b.png, c.jpg)",
+    ),
+    "missing base": (lambda t: ["--pretrained_model_name_or_path", str(t / "no" / "such" / "model")], "does not exist"),
+    "base without model_index": (lambda t: ["--pretrained_model_name_or_path", str(t)], "not a diffusers pipeline folder"),
+    "unsupported pipeline": (lambda t: ["--pretrained_model_name_or_path", str(_unsupported_pipeline(t))], "Unsupported pipeline 'KandinskyPipeline'"),
+    "unknown tiny family": (lambda t: ["--pretrained_model_name_or_path", "tiny:sd9"], "tiny:sd15"),
+    "prior without class prompt": (
+        lambda t: ["--with_prior_preservation", "--class_data_dir", str(t / "class")],
+        "--class_prompt is required",
+    ),
+    "resume without checkpoint": (lambda t: ["--resume_from_checkpoint", "latest"], "no checkpoint-<step> folder"),
+    "resume from missing folder": (lambda t: ["--resume_from_checkpoint", str(t / "checkpoint-7")], "no such checkpoint folder"),
+    "unknown preset": (lambda t: ["--target_modules", "atention"], "Unknown target preset 'atention'"),
+    "modules the model lacks": (lambda t: ["--target_modules", "to_qq,to_kk"], "--target_modules"),
+    "8-bit adam without bitsandbytes": (lambda t: ["--use_8bit_adam"], "pip install bitsandbytes"),
+    "bad resolution": (lambda t: ["--resolution", "30"], "multiple of 8"),
+}
+
+
+_HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.skipif(_HAS_BNB and "bitsandbytes" in c, reason="bitsandbytes installed")) for c in BAD_INPUTS],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    extra, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    _bad_input(capsys, tiny_run_argv("sd15", out) + extra(tmp_path), expected, out)
+
+
+def test_missing_required_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    _bad_input(capsys, ["--pretrained_model_name_or_path", "tiny:sd15", "--instance_data_dir", str(SUBJECT), "--output_dir", str(out)],
+               "--instance_prompt is required", out)
+
+
+def test_unreadable_files_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for image in sorted(SUBJECT.glob("*.png"))[:2]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "notes.txt").write_text("hi")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    args = parse_args(tiny_run_argv("sd15", tmp_path / "out", "--instance_data_dir", str(folder)))
+    assert [p.name for p in args.instance_images] == ["cross_0.png", "cross_1.png"]
+    assert "broken.png, notes.txt" in caplog.text
+
+
+def test_script_reports_bad_input_without_traceback(tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_run_argv("sd15", out, "--instance_data_dir", str(tmp_path / "missing"))
+    result = subprocess.run([sys.executable, str(REPO / "train_scripts" / "train_dreambooth_moslora.py"), *argv],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"train_dreambooth_moslora.py: error: --instance_data_dir '{tmp_path / 'missing'}' does not exist" in result.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- config files
+
+CONFIG_KEYS = {
+    "pretrained_model_name_or_path": "tiny:sdxl",
+    "instance_data_dir": "subject",  # relative to the config file
+    "instance_prompt": PROMPT,
+    "rank": 8,
+    "random_flip": True,
+    "target_modules": ["to_q", "to_v"],
+    "learning_rate": 3e-4,
+}
+
+
+def _write_toml(path, values):
+    lines = []
+    for key, value in values.items():
+        lines.append(f"{key} = {json.dumps(value)}" if not isinstance(value, bool) else f"{key} = {str(value).lower()}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _config_dir(tmp_path):
+    folder = tmp_path / "cfg"
+    (folder / "subject").mkdir(parents=True)
+    Image.new("RGB", (16, 16), "red").save(folder / "subject" / "red.png")
+    return folder
+
+
+def test_toml_and_yaml_configs_give_the_same_arguments(tmp_path):
+    import yaml
+
+    folder = _config_dir(tmp_path)
+    _write_toml(folder / "run.toml", CONFIG_KEYS)
+    (folder / "run.yaml").write_text(yaml.safe_dump(CONFIG_KEYS))
+    from_toml = vars(parse_args(["--config", str(folder / "run.toml")]))
+    from_yaml = vars(parse_args(["--config", str(folder / "run.yaml")]))
+    for args in (from_toml, from_yaml):
+        args.pop("config"), args.pop("seed"), args.pop("base")  # seed: drawn at random when not given
+    assert from_toml == from_yaml
+    assert from_toml["rank"] == 8 and from_toml["random_flip"] is True and from_toml["target_modules"] == ["to_q", "to_v"]
+    assert [p.name for p in from_toml["instance_images"]] == ["red.png"]
+
+
+def test_flags_override_the_config_file(tmp_path):
+    folder = _config_dir(tmp_path)
+    _write_toml(folder / "run.toml", CONFIG_KEYS)
+    args = parse_args(["--config", str(folder / "run.toml"), "--rank", "2", "--no-random_flip", "--target_modules", "attention+ff"])
+    assert (args.rank, args.random_flip, args.target_modules, args.learning_rate) == (2, False, "attention+ff", 3e-4)
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [("rnak = 4\n", "unknown key 'rnak' (did you mean 'rank'?)"), ("rank = \n", "cannot parse"), ("center_crop = 1\n", "true or false")],
+)
+def test_bad_config_files(tmp_path, content, expected):
+    (tmp_path / "bad.toml").write_text(content)
+    with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        parse_args(["--config", str(tmp_path / "bad.toml")])
+
+
+# ---------------------------------------------------------------------------------------------- moslora train
+
+
+def test_moslora_train_takes_the_scripts_flags(tmp_path, capsys):
+    from moslora_diffusion import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "usage: moslora train" in help_text and "--with_prior_preservation" in help_text and "--mixer_init" in help_text
+    out = tmp_path / "out"
+    assert cli.main(["train", *tiny_run_argv("sd15", out, "--target_modules", "atention")]) == 2
+    assert capsys.readouterr().err.strip() == "moslora train: error: Unknown target preset 'atention'; presets are ['attention', 'attention+ff'] (or give module names)"
+    assert not out.exists()
