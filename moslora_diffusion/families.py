@@ -252,7 +252,9 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
+    # sd-scripts' lora_unet_ names are the original MMDiT modules (fused qkv), which a per-projection
+    # LoRA does not have; ComfyUI reads diffusers module names under OneTrainer's lora_transformer_.
+    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
     ss_base_model_version = "sd3"
     modelspec_architecture = "stable-diffusion-3-medium/lora"
     objective = "flow_matching"
@@ -303,7 +305,8 @@ class Flux(Family):
     pipeline_class = "FluxPipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
-    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    # As SD3: ComfyUI and diffusers read diffusers module names under lora_transformer_.
+    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     ss_base_model_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
     objective = "flow_matching"
