@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -74,8 +76,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """Write ``tensors`` (contiguous copies) to ``path`` atomically; metadata values must be strings."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:
+            raise as_os_error(err, path) from None
     return Path(path)
+
+
+def as_os_error(err: BaseException, path: str | os.PathLike) -> BaseException:
+    """safetensors reports a full disk as ``SafetensorError("... I/O error: ... (os error 28)")``; make such
+    errors the OSError (errno ENOSPC, ...) they are, naming ``path``. Other errors come back unchanged."""
+    text = str(err)
+    match = re.search(r"os error (\d+)", text)
+    if "I/O error" not in text and not match:
+        return err
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -194,23 +210,29 @@ class SafetensorsReader:
             header = json.loads(self._file.read(header_len))
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{self.path}: not a valid safetensors file (unreadable header: {err})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: not a valid safetensors file (the header is not a JSON object)")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{self.path}: not a valid safetensors file (__metadata__ must map names to strings)")
         data_start = 8 + header_len
         tensors = {}
         for name, entry in header.items():
             try:
                 dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
+                shape, offsets = entry["shape"], entry["data_offsets"]
+                if not all(_is_count(d) for d in shape) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+                    raise ValueError
+                begin, end = offsets
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{self.path}: not a valid safetensors file (bad header entry for {name!r})") from None
             numel = 1
             for d in shape:
                 numel *= d
-            if end - begin != numel * dtype.itemsize or data_start + end > size or begin < 0:
+            if end - begin != numel * dtype.itemsize or data_start + end > size:
                 raise ValueError(f"{self.path}: tensor {name!r} lies outside the file; the file is corrupt or truncated")
-            tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
-        return tensors, dict(metadata)
+            tensors[name] = TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end)
+        return tensors, metadata
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name``, in a fresh buffer of its own (writable, on the CPU)."""
@@ -231,6 +253,11 @@ class SafetensorsReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (a dimension or a byte offset)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def write_safetensors_streaming(

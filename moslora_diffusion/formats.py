@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .config import MOSLORA_ONLY_FIELDS
+from .config import MIXER_INITS, MOSLORA_ONLY_FIELDS
 from .families import FAMILIES, Family, get_family
 from .fileio import load_safetensors, save_safetensors
 from .layer import fold_mixer_into_lora_b
@@ -58,6 +59,8 @@ CONFIG_FIELDS = (
     "use_moslora", "r", "lora_alpha", "use_rslora", "mixer_init", "train_mixer",
     "target_modules", "lora_dropout", "rank_pattern", "alpha_pattern",
 )  # fmt: skip
+
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 KNOWN_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -128,11 +131,17 @@ class AdapterState:
                 yield component, path, layer
 
 
-def config_scale(config: dict, path: str) -> float:
-    """s for module ``path`` under ``config``: alpha / r (alpha / sqrt(r) with rsLoRA), patterns applied."""
-    r, alpha = config["r"], config["lora_alpha"]
+def config_rank(config: dict, path: str) -> int:
+    """r for module ``path`` under ``config``, rank_pattern applied."""
+    r = config["r"]
     if config.get("rank_pattern"):
         r = config["rank_pattern"].get(get_pattern_key(list(config["rank_pattern"]), path), r)
+    return r
+
+
+def config_scale(config: dict, path: str) -> float:
+    """s for module ``path`` under ``config``: alpha / r (alpha / sqrt(r) with rsLoRA), patterns applied."""
+    r, alpha = config_rank(config, path), config["lora_alpha"]
     if config.get("alpha_pattern"):
         alpha = config["alpha_pattern"].get(get_pattern_key(list(config["alpha_pattern"]), path), alpha)
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
@@ -251,11 +260,24 @@ def _split_factor(key: str) -> tuple[str | None, str, str]:
     return None, key, ""
 
 
-def validate_adapter_state_dict(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def check_adapter_tensor(key: str, tensor: torch.Tensor, path: str | os.PathLike) -> None:
+    """One ValueError naming ``path`` and ``key`` unless ``tensor`` is a finite fp16/bf16/fp32/fp64 tensor.
+
+    Applies to any LoRA file, whatever its key layout (merge checks other trainers' files with it too).
+    """
+    if tensor.dtype not in LORA_DTYPES:
+        # float8/float4 pass is_floating_point() but torch cannot even check them for NaN.
+        raise ValueError(f"{path}: {key!r} has dtype {tensor.dtype}; LoRA weights are float16, bfloat16, float32 or float64")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{path}: {key!r} holds NaN or infinite values; the adapter is broken (diverged training?)")
+
+
+def validate_adapter_state_dict(tensors: dict[str, torch.Tensor], path: str | os.PathLike, allow_unknown_keys: bool = False) -> None:
     """Raise one ValueError naming ``path`` and the first offending key, or return if the file is sound.
 
     Checks: every key is a LoRA factor of a known layout, every tensor is floating point and finite, each
-    module has both A and B, and A (r x in), M (r x r) and B (out x r) agree on r.
+    module has both A and B, and A (r x in), M (r x r) and B (out x r) agree on r. ``allow_unknown_keys``
+    skips the first check only (for files of other trainers that diffusers' loader may still read).
     """
     if not tensors:
         raise ValueError(f"{path}: holds no tensors; expected LoRA weights")
@@ -263,15 +285,15 @@ def validate_adapter_state_dict(tensors: dict[str, torch.Tensor], path: str | os
     for key in sorted(tensors):
         tensor = tensors[key]
         factor, module, suffix = _split_factor(key)
+        if factor is None and allow_unknown_keys:
+            check_adapter_tensor(key, tensor, path)
+            continue
         if factor is None:
             raise ValueError(
                 f"{path}: unexpected key {key!r}; adapter keys end in .lora_A.weight / .lora_B.weight / "
                 ".lora_mixer.weight (native, diffusers) or .lora_down.weight / .lora_up.weight / .alpha (kohya)"
             )
-        if not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key!r} has dtype {tensor.dtype}; LoRA weights are floating point")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: {key!r} holds NaN or infinite values; the adapter is broken (diverged training?)")
+        check_adapter_tensor(key, tensor, path)
         modules.setdefault(module, {})[factor] = (key, suffix, tensor)
     for module in sorted(modules):
         _check_module_factors(modules[module], module, path)
@@ -305,6 +327,11 @@ def _check_module_factors(factors: dict[str, tuple[str, str, torch.Tensor]], mod
         key_alpha, _, alpha = factors["alpha"]
         if alpha.numel() != 1:
             raise ValueError(f"{path}: {key_alpha!r} has shape {tuple(alpha.shape)}; an alpha is one number")
+
+
+def has_only_adapter_keys(tensors: dict[str, torch.Tensor]) -> bool:
+    """True if every key is a LoRA factor of one of our three layouts (no other trainer's keys)."""
+    return all(_split_factor(key)[0] is not None for key in tensors)
 
 
 def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike | None = None) -> str:
@@ -403,16 +430,93 @@ def _json_metadata(metadata: dict[str, str], key: str, path) -> dict:
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_component_config(config, component: str, path) -> dict:
+    """``config`` (one component's LoRA settings, from a file's metadata) once every field the readers
+    and loaders use has a usable value; else one ValueError naming ``path``, the component and the field."""
+    where = f"{path}: metadata for {component}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} should be a JSON object of LoRA settings, got {type(config).__name__}")
+
+    def refuse(name: str, expected: str):
+        raise ValueError(f"{where}: {name} should be {expected}, got {config.get(name)!r}")
+
+    if not _is_int(config.get("r")) or config["r"] < 1:
+        refuse("r", "a positive integer")
+    if not _is_number(config.get("lora_alpha")):
+        refuse("lora_alpha", "a finite number")
+    for name in ("use_moslora", "use_rslora", "train_mixer"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            refuse(name, "true or false")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        refuse("target_modules", "a list of module names or one pattern")
+    patterns = {name: config.get(name) for name in ("rank_pattern", "alpha_pattern")}
+    if isinstance(targets, str):
+        patterns["target_modules"] = {targets: 1}  # PEFT matches a string as one regular expression
+    if config.get("lora_dropout") is not None and not (_is_number(config["lora_dropout"]) and 0 <= config["lora_dropout"] <= 1):
+        refuse("lora_dropout", "a number from 0 to 1")
+    for name, valid, expected in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"), ("alpha_pattern", _is_number, "finite numbers")):
+        value = config.get(name)
+        if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) and valid(v) for k, v in value.items())):
+            refuse(name, f"an object mapping module patterns to {expected}")
+    for name, value in patterns.items():
+        for pattern in value or {}:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{where}: {name} {pattern!r} is not a valid pattern ({err})") from None
+    if config.get("use_moslora"):
+        if config.get("mixer_init") not in MIXER_INITS:
+            refuse("mixer_init", f"one of {', '.join(MIXER_INITS)}")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"{where}: a MoSLoRA component has one r and lora_alpha, but rank_pattern / alpha_pattern are set")
+    return config
+
+
+def _check_ranks_match_config(layers: dict[str, LayerFactors], config: dict, path) -> None:
+    """Each layer's rank must be the one its config gives it (PEFT builds layers of that rank)."""
+    for module_path, layer in sorted(layers.items(), key=lambda item: item[1].source_key):
+        expected = config_rank(config, module_path)
+        if layer.rank != expected:
+            raise ValueError(f"{path}: {layer.source_key!r} has rank {layer.rank}, but the file's metadata gives this module rank {expected} (r / rank_pattern)")
+
+
+def _checked_family(value, path) -> str | None:
+    if value is not None and (not isinstance(value, str) or value not in FAMILIES):
+        raise ValueError(f"{path}: the file names model family {value!r}, which is not one of {', '.join(FAMILIES)}")
+    return value
+
+
 def _parse_native(tensors, metadata, path) -> AdapterState:
     if NATIVE_HEADER_KEY not in metadata:
         first = next(k for k in sorted(tensors) if k.endswith(FACTOR_SUFFIXES["native"]["M"]))
         raise ValueError(f"{path}: {first!r} is a mixer, but the file has no {NATIVE_HEADER_KEY!r} header (not written by moslora-diffusion, or its metadata was stripped)")
     header = _json_metadata(metadata, NATIVE_HEADER_KEY, path)
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1 or version > FORMAT_VERSION:
         raise ValueError(f"{path}: native format version {version!r} is not supported (this library reads up to {FORMAT_VERSION}); upgrade moslora-diffusion")
     configs = header.get("components") or {}
-    components = {name: ComponentAdapter(config=dict(cfg), layers={}) for name, cfg in configs.items()}
+    if not isinstance(configs, dict):
+        raise ValueError(f"{path}: the {NATIVE_HEADER_KEY!r} header's components should be a JSON object, got {type(configs).__name__}")
+    for name in configs:
+        if name not in KNOWN_COMPONENTS:
+            raise ValueError(f"{path}: the {NATIVE_HEADER_KEY!r} header names component {name!r}; expected one of {', '.join(KNOWN_COMPONENTS)}")
+    # Only the fields this library knows (a later version may add some); PEFT configs get built from them.
+    components = {
+        name: ComponentAdapter(config={k: v for k, v in check_component_config(cfg, name, path).items() if k in CONFIG_FIELDS}, layers={})
+        for name, cfg in configs.items()
+    }
+    for field_name in ("base_model", "adapter_name"):
+        if header.get(field_name) is not None and not isinstance(header[field_name], str):
+            raise ValueError(f"{path}: the {NATIVE_HEADER_KEY!r} header's {field_name} should be a string, got {header[field_name]!r}")
     for module, factors in _group_modules_or_fail(tensors, "native", path).items():
         key_a = factors["A"][0]
         component, module_path = _split_component(module, key_a, path, components)
@@ -420,12 +524,16 @@ def _parse_native(tensors, metadata, path) -> AdapterState:
         mixer = factors.get("M", (None, None))[1]
         if config.get("use_moslora") and mixer is None:
             raise ValueError(f"{path}: {key_a!r}: component {component!r} is MoSLoRA but this module has no lora_mixer weight")
+        if not config.get("use_moslora") and mixer is not None:
+            raise ValueError(f"{path}: {factors['M'][0]!r}: component {component!r} is not MoSLoRA (use_moslora false), yet this module has a mixer")
         components[component].layers[module_path] = LayerFactors(
             factors["A"][1], factors["B"][1], mixer, config_scale(config, module_path), key_a
         )
     components = {name: c for name, c in components.items() if c.layers}
+    for name, adapter in components.items():
+        _check_ranks_match_config(adapter.layers, adapter.config, path)
     return AdapterState(
-        components, header.get("family"), header.get("base_model"), header.get("adapter_name") or "default"
+        components, _checked_family(header.get("family"), path), header.get("base_model"), header.get("adapter_name") or "default"
     )
 
 
@@ -449,15 +557,21 @@ def _parse_diffusers(tensors, metadata, path) -> AdapterState:
         fields = {k.removeprefix(component + "."): v for k, v in lora_metadata.items() if k.startswith(component + ".")}
         config = infer_component_config(layers)
         if fields:
+            missing = [k for k in ("r", "lora_alpha") if k not in fields]
+            if missing:
+                # diffusers would fill in LoraConfig's defaults (r = alpha = 8): refuse rather than guess.
+                raise ValueError(f"{path}: metadata {DIFFUSERS_METADATA_KEY!r} sets {component} fields but not {' or '.join(missing)}")
             config.update({k: fields[k] for k in CONFIG_FIELDS if k in fields})
             config["use_moslora"], config["mixer_init"], config["train_mixer"] = False, None, None
+            check_component_config(config, component, path)
+            _check_ranks_match_config(layers, config, path)
         else:
             config["lora_alpha"] = config["r"]
             config["alpha_pattern"] = {_pattern_name(p): layer.rank for p, layer in layers.items() if layer.rank != config["r"]}
         for module_path, layer in layers.items():
             layer.scale = config_scale(config, module_path)
         components[component] = ComponentAdapter(config, layers)
-    return AdapterState(components, metadata.get("moslora.family"), metadata.get("moslora.base_model"))
+    return AdapterState(components, _checked_family(metadata.get("moslora.family"), path), metadata.get("moslora.base_model"))
 
 
 def _parse_kohya(tensors, metadata, path) -> AdapterState:
@@ -473,7 +587,7 @@ def _parse_kohya(tensors, metadata, path) -> AdapterState:
         alpha = float(factors["alpha"][1].item()) if "alpha" in factors else float(down.shape[0])
         layers_by_component.setdefault(component, {})[rest] = LayerFactors(down, up, None, alpha / down.shape[0], key_a)
     components = {c: ComponentAdapter(infer_component_config(layers), layers, resolved=False) for c, layers in layers_by_component.items()}
-    family = metadata.get("moslora.family")
+    family = _checked_family(metadata.get("moslora.family"), path)
     if family is None:
         by_version = {f.ss_base_model_version: name for name, f in FAMILIES.items()}
         family = by_version.get(metadata.get("ss_base_model_version", ""))
@@ -516,6 +630,16 @@ def _require_resolved(state: AdapterState, layout: str) -> None:
             raise ValueError(
                 f"{state.source_path or 'adapter'}: the {component} module names of a kohya file can only be "
                 f"matched against a pipeline; load it with load_moslora_weights to write the {layout} layout"
+            )
+
+
+def _require_finite(tensors: dict[str, torch.Tensor], state: AdapterState) -> None:
+    """Folding (B' = B M, alpha = s r) can overflow a half-precision B: refuse rather than write inf."""
+    for key in sorted(tensors):
+        if not bool(torch.isfinite(tensors[key]).all()):
+            raise ValueError(
+                f"{state.source_path or 'adapter'}: folding the mixer into {key!r} overflows {tensors[key].dtype}; "
+                "the adapter's values are out of range (diverged training?)"
             )
 
 
@@ -584,6 +708,7 @@ def diffusers_state_dict(state: AdapterState) -> tuple[dict[str, torch.Tensor], 
     for component, path, layer in state.layer_items():
         tensors[f"{component}.{path}.lora_A.weight"] = layer.lora_A
         tensors[f"{component}.{path}.lora_B.weight"] = folded_lora_b(state, component, path, layer)
+    _require_finite(tensors, state)
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(lora_metadata, indent=2, sort_keys=True)}
     metadata.update(_info_metadata(state))
     return tensors, metadata
@@ -603,6 +728,7 @@ def kohya_state_dict(state: AdapterState, title: str | None = None) -> tuple[dic
         tensors[f"{stem}.lora_up.weight"] = layer.folded_lora_b()
         # Every module gets its own alpha: clients disagree on what a missing one means.
         tensors[f"{stem}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
+    _require_finite(tensors, state)
     return tensors, kohya_metadata(state, family, title)
 
 

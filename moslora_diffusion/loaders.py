@@ -236,7 +236,7 @@ def _load_trainable(state: AdapterState, models: dict[str, nn.Module], adapter_n
             kwargs = {k: v for k, v in config.items() if k not in MOSLORA_ONLY_FIELDS}
             peft_config = LoraConfig(**dict(kwargs, target_modules=exact_targets))
             model.add_adapter(peft_config, adapter_name=adapter_name)
-        model.peft_config[adapter_name].target_modules = config["target_modules"]
+        model.peft_config[adapter_name].target_modules = config.get("target_modules") or exact_targets
         _copy_factors(model, adapter, adapter_name, state.source_path)
 
 

@@ -66,18 +66,30 @@ class AdapterSpec:
 
 def parse_adapter_spec(text: str) -> AdapterSpec:
     """``PATH[:WEIGHT]``. The part after the last ':' is a weight only if it parses as a float and the
-    whole string is not an existing path, so paths that contain ':' still work. The weight defaults to 1."""
+    whole string is not an existing path, so paths that contain ':' still work. The weight defaults to 1.
+
+    Never a guess: if both ``PATH:WEIGHT`` and ``PATH`` exist, or nothing follows a final ':' of a path that
+    does not exist, it is a ValueError saying how to write it.
+    """
     head, sep, tail = text.rpartition(":")
-    if sep and head and not os.path.exists(text):
-        try:
-            weight = float(tail)
-        except ValueError:
-            weight = None
-        if weight is not None:
-            if not math.isfinite(weight):
-                raise ValueError(f"--adapter {text!r}: the weight must be a finite number, got {tail!r}")
-            return AdapterSpec(Path(head), weight)
-    return AdapterSpec(Path(text), 1.0)
+    if sep and head and not tail and not os.path.exists(text):
+        raise ValueError(f"--adapter {text!r}: nothing after the last ':'; write PATH:WEIGHT (e.g. {head}:0.8) or just PATH")
+    try:
+        weight = float(tail) if sep and head else None
+    except ValueError:
+        weight = None
+    if weight is None:
+        return AdapterSpec(Path(text), 1.0)
+    if os.path.exists(text):
+        if os.path.exists(head):
+            raise ValueError(
+                f"--adapter {text!r} is ambiguous: both {text!r} and {head!r} exist; write {text}:1 for the first, "
+                "or rename one of them"
+            )
+        return AdapterSpec(Path(text), 1.0)
+    if not math.isfinite(weight):
+        raise ValueError(f"--adapter {text!r}: the weight must be a finite number, got {tail!r}")
+    return AdapterSpec(Path(head), weight)
 
 
 def _as_specs(adapters: Iterable) -> list[AdapterSpec]:
@@ -257,14 +269,21 @@ def _load_adapter(pipe, family: type[Family], spec: AdapterSpec, adapter_name: s
     trainer), and any other file, then goes through diffusers' own load_lora_weights, which knows more
     formats. A native file never does: stock loaders would drop its mixer.
     """
-    from .formats import detect_format
+    from .formats import detect_format, has_only_adapter_keys, parse_adapter_state_dict, validate_adapter_state_dict
     from .loaders import load_moslora_weights
 
     path, tensors, metadata = _adapter_file(spec)
+    # Before any loader, and final: diffusers' own would take NaN or float8 weights, or a module with B and
+    # no A (leaving A at its random init), that ours refuse. Keys of other trainers' layouts may pass.
+    validate_adapter_state_dict(tensors, path, allow_unknown_keys=True)
     try:
         layout = detect_format(tensors, metadata, path)
     except ValueError:
         layout = None
+    if layout is not None and has_only_adapter_keys(tensors):
+        # A file in our own layouts that our reader refuses (metadata not JSON, ranks unlike its config, ...)
+        # is broken: diffusers' loader would guess around the damage. Only placing it may fall back.
+        parse_adapter_state_dict(tensors, metadata, path)
     del tensors
     attempts = []
     if layout is not None:
@@ -342,6 +361,10 @@ class _AdapterDeltas:
                             f"adapter {spec.path}: DoRA layers ({component}.{module_name}) cannot be merged here: "
                             "their weight depends on the base weight's norm"
                         )
+                    factors = [getattr(layer, name, {}) for name in ("lora_A", "lora_B", "lora_mixer")]
+                    if any(adapter_name in f and f[adapter_name].weight.is_meta for f in factors):
+                        # diffusers creates adapter weights on the meta device and fills in what the file holds.
+                        raise ValueError(f"adapter {spec.path}: holds no weights for some factors of {component}.{module_name}; the file is incomplete")
                     base = layer.get_base_layer()
                     entries = self.targets.setdefault(component, {})
                     shapes = self.shapes.setdefault(component, {})
