@@ -104,8 +104,11 @@ class Family:
             component_cls = getattr(importlib.import_module(library), class_name)
             location, subfolder = (vae_source, None) if name == "vae" and vae_source else (source, name)
             kwargs: dict[str, Any] = {"subfolder": subfolder, "revision": revision}
-            if issubclass(component_cls, torch.nn.Module) and variant is not None:
-                kwargs["variant"] = variant
+            if issubclass(component_cls, torch.nn.Module):
+                # Weights from elsewhere are read from safetensors only: a pickled .bin can run code.
+                kwargs["use_safetensors"] = True
+                if variant is not None:
+                    kwargs["variant"] = variant
             components[name] = component_cls.from_pretrained(location, **kwargs)
         return components
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -199,6 +200,9 @@ def _load_folded(pipe, state: AdapterState, models: dict[str, nn.Module], adapte
     family = family_of_pipeline(pipe)
     # One name for every component (diffusers would pick one per component).
     adapter_name = adapter_name or get_adapter_name(models[family.denoiser])
+    # PEFT needs target_modules (None makes it look up a transformers model_type and fail) and warns when
+    # they differ from the file's modules: give it exactly the file's.
+    state = replace(state, components={c: _with_exact_targets(a) for c, a in state.components.items()})
     stock = [c for c in state.components if c in _stock_loadable_components(pipe)]
     extra = [c for c in state.components if c not in stock]
     if stock:
@@ -218,6 +222,12 @@ def _load_folded(pipe, state: AdapterState, models: dict[str, nn.Module], adapte
         config = LoraConfig(**{k.removeprefix(prefix): v for k, v in lora_metadata.items()})
         state_dict = {model_module_path(model, k.removeprefix(prefix)): v for k, v in tensors.items()}
         model.load_adapter(adapter_name=adapter_name, adapter_state_dict=state_dict, peft_config=config)
+
+
+def _with_exact_targets(adapter: ComponentAdapter) -> ComponentAdapter:
+    # Without CLIP's "text_model." root, the names match with or without it (as infer_component_config writes them).
+    targets = sorted(p.removeprefix("text_model.") for p in adapter.layers)
+    return replace(adapter, config=dict(adapter.config, target_modules=targets))
 
 
 def _load_trainable(state: AdapterState, models: dict[str, nn.Module], adapter_name: str) -> None:

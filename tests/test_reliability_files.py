@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -285,6 +284,19 @@ def test_unknown_native_config_fields_are_ignored(adapter_dir, tmp_path, pipe):
     path = variant(adapter_dir, tmp_path, "native", metadata_change=_set_unet("}lora_dropout", 0.5))
     assert load_moslora_weights(pipe, path, trainable=True) == "native"
     assert pipe.unet.peft_config["default"].r == 2
+
+
+@pytest.mark.parametrize("layout, key", [("native", "moslora"), ("diffusers", "lora_adapter_metadata")])
+def test_a_file_without_target_modules_loads_its_own_modules(layout, key, adapter_dir, tmp_path, pipe):
+    # Was KeyError: 'model_type' from PEFT, which looks up default targets when target_modules is None.
+    if layout == "native":
+        edit = edit_json(key, lambda h: h["components"]["unet"].__setitem__("target_modules", None))
+    else:
+        edit = edit_json(key, lambda v: v.__setitem__("unet.target_modules", None))
+    path = variant(adapter_dir, tmp_path, layout, metadata_change=edit)
+    assert load_moslora_weights(pipe, path, adapter_name="x") == layout
+    adapted = {name for name, m in pipe.unet.named_modules() if "x" in (getattr(m, "lora_A", None) or {})}
+    assert adapted == set(read_adapter_file(path).components["unet"].layers)
 
 
 def test_an_invalid_target_modules_pattern_is_refused(adapter_dir, tmp_path, pipe):

@@ -7,6 +7,7 @@
     objectives   noise prediction (epsilon / v, min-SNR, noise offset) and flow matching
     loop         precision, adapters, optimizer, prompt conditioning, the loss of one batch
     checkpoints  accelerate save_state / load_state, pruning, exact resume
+    guards       one run per --output_dir (a lock), Ctrl-C saves first, a non-finite loss stops the run
     validation   validation images, grids, TensorBoard
     model_card   the README.md written next to the adapter
 """

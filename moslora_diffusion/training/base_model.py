@@ -45,7 +45,7 @@ class BaseModel:
 
             components = dict(make_tiny_pipeline(self.family.name).components)
             if vae_source:
-                components["vae"] = AutoencoderKL.from_pretrained(vae_source, revision=revision)
+                components["vae"] = AutoencoderKL.from_pretrained(vae_source, revision=revision, use_safetensors=True)
             return components
         return self.family.load_components(self.source, self.model_index, revision=revision, variant=variant, vae_source=vae_source)
 

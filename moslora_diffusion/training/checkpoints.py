@@ -2,14 +2,16 @@
 
 A checkpoint holds the adapters only (one safetensors file per trained component, not the frozen base
 weights), the optimizer, the LR scheduler, every process's RNG streams and a small ``training_state.json``
-(step, seed). It is written under a temporary name and renamed when complete, so a crash leaves the
-previous checkpoints as they were; ``--checkpoints_total_limit`` prunes the oldest after a successful save.
+(step, seed). It is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete,
+so a crash or a full disk leaves the previous checkpoints as they were, and ``latest`` only ever sees
+complete ones; ``--checkpoints_total_limit`` prunes the oldest after a successful save.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -33,16 +35,22 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step (its training state written last), or None."""
+    complete = [p for p in list_checkpoints(output_dir) if (p / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
 def resolve_resume_checkpoint(output_dir: str | Path, value: str) -> Path:
     """The checkpoint ``--resume_from_checkpoint value`` names: "latest", a checkpoint-N name, or a path."""
     if value == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
             raise ValueError(
                 f"--resume_from_checkpoint latest: no checkpoint-<step> folder in --output_dir '{output_dir}'; "
                 "drop the flag to start a new run"
             )
-        return checkpoints[-1]
+        return latest
     path = Path(value)
     if not path.is_dir() and (Path(output_dir) / value).is_dir():
         path = Path(output_dir) / value
@@ -51,6 +59,25 @@ def resolve_resume_checkpoint(output_dir: str | Path, value: str) -> Path:
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume_from_checkpoint '{path}' is not a checkpoint of this trainer (no {STATE_FILE})")
     return path
+
+
+def check_rng_state_readable(checkpoint: str | Path, process_index: int) -> None:
+    """accelerate's load_state skips an unreadable RNG state file with only an info log, and the resumed run
+    then quietly differs: read it first as accelerate does (torch.load, weights_only=True) and fail clearly."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    path = Path(checkpoint) / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        load(path)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} holds objects other than RNG states (refused unexecuted: weights_only loading); "
+            "this checkpoint cannot continue the run exactly"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - missing or truncated
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} cannot be read ({reason}); this checkpoint cannot continue the run exactly") from None
 
 
 def read_training_state(checkpoint: str | Path) -> dict:
@@ -106,15 +133,25 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, training_sta
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        with atomic_path(tmp / STATE_FILE) as state_tmp:
-            state_tmp.write_text(json.dumps(training_state, indent=2, sort_keys=True))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            with atomic_path(tmp / STATE_FILE) as state_tmp:
+                state_tmp.write_text(json.dumps(training_state, indent=2, sort_keys=True))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what was written
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again (a resumed run): swap, never delete first
+            old = output_dir / f".{final.name}.deleting"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
@@ -127,5 +164,17 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     checkpoints = list_checkpoints(output_dir)
     doomed = checkpoints[: max(0, len(checkpoints) - total_limit)]
     for path in doomed:
-        shutil.rmtree(path)
+        # Renamed first: a crash midway leaves a hidden folder, never a half-deleted checkpoint-<step>.
+        aside = path.with_name(f".{path.name}.deleting")
+        os.replace(path, aside)
+        shutil.rmtree(aside)
     return doomed
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[str]:
+    """Delete what killed runs left half-written or half-deleted (``.checkpoint-*.tmp`` / ``.deleting``)."""
+    output_dir = Path(output_dir)
+    leftovers = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) + sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.deleting"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]

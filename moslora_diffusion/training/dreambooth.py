@@ -27,8 +27,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .args import UsageError, parse_args
-from .checkpoints import read_training_state, register_adapter_checkpoint_hooks, save_checkpoint
+from .checkpoints import (
+    check_rng_state_readable,
+    latest_checkpoint,
+    read_training_state,
+    register_adapter_checkpoint_hooks,
+    remove_incomplete_checkpoints,
+    save_checkpoint,
+)
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
+from .guards import EXIT_INTERRUPTED, InterruptRequests, OutputDirLock, TrainingStopped, divergence_message
 from .loop import (
     ADAPTER_NAME,
     PromptConditioning,
@@ -61,13 +69,20 @@ def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py
     except UsageError as err:  # found only once the base is loaded (e.g. target modules it lacks)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C
+        stopped = (str(err), err.exit_code)
+    else:
+        return 0
+    # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line.
+    message, exit_code = stopped
+    print(f"{prog}: {'interrupted' if exit_code == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr, flush=True)
+    return exit_code
 
 
 def train(args) -> Path:
+    """Train under a lock on --output_dir (one run per folder) with Ctrl-C saving a checkpoint first."""
     started = time.monotonic()
     output_dir = Path(args.output_dir)
-    # ---------------------------------------------------------------- setup
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
         mixed_precision=args.mixed_precision,
@@ -77,13 +92,29 @@ def train(args) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
     )
     _configure_logging(accelerator)
+    lock = _lock_output_dir(accelerator, output_dir)
+    try:
+        with InterruptRequests() as interrupts:
+            return _train(args, accelerator, output_dir, interrupts, started)
+    finally:
+        lock.release()
+
+
+def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, started: float) -> Path:
+    # ---------------------------------------------------------------- setup
     args.seed = broadcast_object_list([args.seed])[0]
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     family, weight_dtype = args.base.family, weight_dtype_for(accelerator.mixed_precision)
 
-    components = args.base.load_components(revision=args.revision, variant=args.variant, vae_source=args.pretrained_vae_model_name_or_path)
+    try:
+        components = args.base.load_components(revision=args.revision, variant=args.variant, vae_source=args.pretrained_vae_model_name_or_path)
+    except OSError as err:  # e.g. a folder with pickled .bin weights only: from_pretrained(use_safetensors=True) refuses it
+        raise UsageError(
+            f"cannot load the base model '{args.pretrained_model_name_or_path}' ({_reason(err)}); weights are read from "
+            ".safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
+        ) from None
     place_frozen_components(components, family, accelerator.device, weight_dtype, custom_vae=bool(args.pretrained_vae_model_name_or_path))
     pipeline = args.base.build_pipeline(components)  # shares the modules: samples with the adapter once it is added
     args.resolution = args.resolution or args.base.default_resolution(components)
@@ -153,6 +184,10 @@ def train(args) -> Path:
 
     global_step = 0
     if args.resume_checkpoint is not None:
+        try:
+            check_rng_state_readable(args.resume_checkpoint, accelerator.process_index)
+        except ValueError as err:
+            raise TrainingStopped(str(err)) from None
         accelerator.load_state(str(args.resume_checkpoint))
         global_step = read_training_state(args.resume_checkpoint)["step"]
         logger.info("Resumed from %s at step %d", args.resume_checkpoint, global_step)
@@ -170,8 +205,11 @@ def train(args) -> Path:
             log_validation(accelerator, images, output_dir / "validation" / ("final.png" if final else f"step_{step:06d}.png"), step)
         return images
 
+    if interrupts.requested:
+        raise TrainingStopped("interrupted before the first step; nothing to save", EXIT_INTERRUPTED)
     for model in prepared_models.values():
         model.train()
+    step_losses = []
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     first_epoch, resume_batches = divmod(global_step, steps_per_epoch)
     resume_batches *= args.gradient_accumulation_steps
@@ -190,6 +228,7 @@ def train(args) -> Path:
                     conditioning=conditioning, args=args, weight_dtype=weight_dtype,
                 )
                 accelerator.backward(loss / group_size)
+            step_losses.append(loss.detach())
             if not syncs:
                 continue
             accelerator.clip_grad_norm_([p for model in trained.values() for p in model.parameters() if p.requires_grad], args.max_grad_norm)
@@ -198,12 +237,19 @@ def train(args) -> Path:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
+            diverged, interrupted = _step_status(accelerator, step_losses, interrupts)
+            step_losses = []
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            if diverged:
+                raise TrainingStopped(divergence_message(global_step, "the loss became NaN or infinite", args, latest_checkpoint(output_dir)))
+            saved = None
             if global_step % args.checkpointing_steps == 0:  # also at the last step: a later run can extend it
-                path = save_checkpoint(accelerator, output_dir, global_step, {"step": global_step, "seed": args.seed}, args.checkpoints_total_limit)
-                logger.info("Saved %s", path)
+                saved = _save_checkpoint(accelerator, args, trained, output_dir, global_step)
+            if interrupted:
+                saved = saved or _save_checkpoint(accelerator, args, trained, output_dir, global_step)
+                raise TrainingStopped(f"at step {global_step}; saved {saved}: continue with --resume_from_checkpoint latest", EXIT_INTERRUPTED)
             if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                 validate(global_step)
             if global_step >= args.max_train_steps:
@@ -214,10 +260,18 @@ def train(args) -> Path:
 
     # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
+    _check_adapter_finite(trained, global_step, args, output_dir)
     if accelerator.is_main_process:
         from ..loaders import save_moslora_weights
 
-        written = save_moslora_weights(pipeline, output_dir, adapter_name=ADAPTER_NAME, base_model=args.pretrained_model_name_or_path)
+        try:
+            written = save_moslora_weights(pipeline, output_dir, adapter_name=ADAPTER_NAME, base_model=args.pretrained_model_name_or_path)
+        except OSError as err:
+            raise TrainingStopped(
+                f"could not write the adapter files to '{output_dir}' ({_reason(err)}); no file was left half-written and "
+                f"the checkpoints are intact (latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun "
+                "with --resume_from_checkpoint latest"
+            ) from None
         images = validate(global_step, final=True)
         image_names = [save_png(image, output_dir / f"image_{i}.png").name for i, image in enumerate(images)]
         card = _model_card(args, family, trained, objective, global_step, image_names, written)
@@ -233,6 +287,59 @@ def train(args) -> Path:
 
 
 # -------------------------------------------------------------------- helpers of the recipe
+
+
+def _lock_output_dir(accelerator, output_dir: Path) -> OutputDirLock:
+    """Lock --output_dir for this run (the main process does; every process learns the outcome)."""
+    lock, refusal = OutputDirLock(output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except TrainingStopped as err:
+            refusal = str(err)
+        else:
+            removed = remove_incomplete_checkpoints(output_dir)
+            if removed:
+                logger.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise TrainingStopped(refusal)
+    return lock
+
+
+def _step_status(accelerator, step_losses: list[torch.Tensor], interrupts: InterruptRequests) -> tuple[bool, bool]:
+    """(a loss of this step was not finite, Ctrl-C was pressed) on any process: all processes stop together."""
+    losses = torch.stack(step_losses).float()
+    flags = torch.stack([(~torch.isfinite(losses)).any().float(), losses.new_tensor(float(interrupts.requested))])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum")
+    diverged, interrupted = (bool(flag > 0) for flag in flags)
+    return diverged, interrupted
+
+
+def _check_adapter_finite(trained: dict, step: int, args, output_dir: Path) -> None:
+    """Never save NaN or infinite adapter weights (a finite loss can still leave them)."""
+    if not all(bool(torch.isfinite(p).all()) for model in trained.values() for n, p in model.named_parameters() if "lora_" in n):
+        raise TrainingStopped(divergence_message(step, "the adapter weights became NaN or infinite", args, latest_checkpoint(output_dir)))
+
+
+def _save_checkpoint(accelerator, args, trained: dict, output_dir: Path, step: int) -> Path:
+    """save_checkpoint, or a TrainingStopped that says what failed and what is intact (a full disk)."""
+    _check_adapter_finite(trained, step, args, output_dir)
+    try:
+        path = save_checkpoint(accelerator, output_dir, step, {"step": step, "seed": args.seed}, args.checkpoints_total_limit)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        raise TrainingStopped(
+            f"could not write checkpoint-{step} in '{output_dir}' ({_reason(err)}); the earlier checkpoints are intact "
+            f"(latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun with --resume_from_checkpoint latest"
+        ) from None
+    logger.info("Saved %s", path)
+    return path
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _multi_process_without_accelerator() -> bool:
