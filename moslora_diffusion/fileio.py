@@ -34,6 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp (and safetensors' writer) leave 0600 files; outputs get the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -53,6 +55,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise FileExistsError(f"{path} already exists; choose another output or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -130,6 +133,12 @@ def _open_safetensors(path: str | os.PathLike):
 def dumps_metadata(value) -> str:
     """JSON for a safetensors metadata value (which must be a string)."""
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
