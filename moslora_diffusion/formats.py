@@ -217,14 +217,8 @@ def model_module_path(model: nn.Module, path: str) -> str:
 
 
 def kohya_prefix(family: type[Family], component: str) -> str:
-    """The kohya/webui key prefix of ``component`` (lora_unet, lora_te, lora_te1, ...)."""
-    prefix = family.kohya_prefixes[component]
-    if component == "transformer" and prefix == "lora_unet":
-        # sd-scripts' lora_unet_ names for SD3/Flux are the original MMDiT modules (fused qkv), which a
-        # per-projection LoRA does not have. ComfyUI (and diffusers, for Flux) read the diffusers module
-        # names under OneTrainer's lora_transformer_ prefix instead.
-        return "lora_transformer"
-    return prefix
+    """The kohya/webui key prefix of ``component`` (lora_unet, lora_te, lora_te1, lora_transformer, ...)."""
+    return family.kohya_prefixes[component]
 
 
 def _kohya_component_of_prefix() -> dict[str, str]:
