@@ -2,9 +2,10 @@
 
     y = W0 x + s * B M A x      A: r x in (lora_A), M: r x r (lora_mixer), B: out x r (lora_B)
 
-The forward folds the mixer into A once per call (A' = M A, r^2 * in flops) instead of paying an
-r x r matmul per token; merging adds s * B M A to W0. Plain LoRA adapters can live in the same layer:
-only adapters created from a :class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
+The forward applies M in whichever order costs less, both exact: folded into A once per call
+(A' = M A, r^2 * in multiply-adds) or on every token's r features (r^2 per token); merging adds
+s * B M A to W0. Plain LoRA adapters can live in the same layer: only adapters created from a
+:class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
 """
 
 from __future__ import annotations
@@ -84,12 +85,16 @@ class MoSLoRAVariant(LoraVariant):
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_a = module.lora_A[active_adapter]
-        folded_a = fold_mixer_into_lora_a(lora_a.weight, module.lora_mixer[active_adapter].weight)
+        mixer = module.lora_mixer[active_adapter].weight
         x = module.lora_dropout[active_adapter](x)
-        if isinstance(lora_a, nn.Linear):
-            down = F.linear(x, folded_a)
+        if not isinstance(lora_a, nn.Linear):
+            down = lora_a._conv_forward(x, fold_mixer_into_lora_a(lora_a.weight, mixer), None)
+        elif x.numel() < x.shape[-1] * lora_a.in_features:
+            # Fewer tokens than input features (small latents, 77 text tokens): mixing each token is cheaper
+            # than the fold, in time (r^2 per token vs r^2 * in, forward and backward) and saved memory.
+            down = F.linear(F.linear(x, lora_a.weight), mixer)
         else:
-            down = lora_a._conv_forward(x, folded_a, None)
+            down = F.linear(x, mixer @ lora_a.weight)
         return result + module.lora_B[active_adapter](down) * module.scaling[active_adapter]
 
 

@@ -139,6 +139,23 @@ def test_gradients_reach_A_M_B_and_nothing_else():
     assert kinds == {"lora_A", "lora_B", "lora_mixer"}
 
 
+@pytest.mark.parametrize("tokens_per_input_feature", [0.5, 2.0])
+def test_forward_and_gradients_are_exact_whichever_order_applies_the_mixer(tokens_per_input_feature):
+    """The forward mixes each token (fewer tokens than input features) or folds M into A (more): same maths."""
+    unet = make_tiny_pipeline("sd15").unet
+    add_moslora(unet, MoSLoRAConfig(r=4, lora_alpha=6), "x")
+    randomize_adapter(unet, "x")
+    _, layer = next(moslora_layers(unet))
+    n_in = layer.get_base_layer().in_features
+    x = torch.randn(1, int(n_in * tokens_per_input_feature), n_in, requires_grad=True)
+    params = [layer.lora_A["x"].weight, layer.lora_mixer["x"].weight, layer.lora_B["x"].weight, x]
+    out, ref = layer(x), reference_output(layer, "x", x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(out.shape)
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_with_fp32_adapter(dtype):
     pipe32 = make_tiny_pipeline("sd15")
