@@ -88,10 +88,11 @@ def make_optimizer(args, trained: dict[str, nn.Module], family) -> torch.optim.O
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    # On CPU torch's default AdamW updates the adapter's tensors one by one in Python (SD 1.5: 144 tensors,
+    # 4 ms a step); the fused kernel takes 0.6 ms. On GPUs the default (foreach) is already batched.
+    on_cpu = all(p.device.type == "cpu" for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True if on_cpu else None)
 
 
 @dataclass
