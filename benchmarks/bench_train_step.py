@@ -456,9 +456,13 @@ def main(argv=None) -> None:
                         help="peft_lora is always measured (it is the reference)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the base model's dtype")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids thread wake-ups on a crowded machine")
     parser.add_argument("--no-rss", action="store_true", help="skip the memory measurement (CPU: one subprocess per method)")
     parser.add_argument("--json", type=Path, default=None, help="also write raw times and memory here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = MODELS[args.model]
     setup = Setup(
         model=args.model,
