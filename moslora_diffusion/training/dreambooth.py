@@ -209,6 +209,8 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
         raise TrainingStopped("interrupted before the first step; nothing to save", EXIT_INTERRUPTED)
     for model in prepared_models.values():
         model.train()
+    # Listed once: walking every module for its parameters at each step costs 1 ms even on a tiny UNet.
+    trainable_params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
     step_losses = []
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     first_epoch, resume_batches = divmod(global_step, steps_per_epoch)
@@ -231,7 +233,7 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
             step_losses.append(loss.detach())
             if not syncs:
                 continue
-            accelerator.clip_grad_norm_([p for model in trained.values() for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
