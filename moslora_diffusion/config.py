@@ -17,7 +17,7 @@ from peft import LoraConfig
 
 from .targets import DEFAULT_PRESET, PRESET_NAMES, preset_union
 
-MIXER_INITS = ("kaiming", "orthogonal", "identity")
+MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
 
 # Settings that exist only in MoSLoRA; stock loaders reject them in ``lora_adapter_metadata``.
 MOSLORA_ONLY_FIELDS = ("use_moslora", "mixer_init", "train_mixer")
@@ -38,12 +38,14 @@ class MoSLoRAConfig(LoraConfig):
         # silently building a plain LoRA layer without the mixer.
         metadata={"help": "Insert the r x r mixer M (always True for this config).", "is_lora_variant": True},
     )
-    mixer_init: Literal["kaiming", "orthogonal", "identity"] = field(
+    mixer_init: Literal["kaiming", "orthogonal", "identity", "kaiming_folded"] = field(
         default="kaiming",
         metadata={
             "help": (
                 "Initialisation of the mixer M: 'kaiming' (uniform, a=sqrt(5); the paper's default), "
-                "'orthogonal' (the paper's runner-up) or 'identity' (starts as plain LoRA)."
+                "'orthogonal' (the paper's runner-up), 'identity' (starts as plain LoRA) or 'kaiming_folded' "
+                "(a kaiming mixer folded into A at initialisation, M = identity: with train_mixer=False this is "
+                "the 'init-only' control, plain LoRA with MoSLoRA's initial A)."
             )
         },
     )

@@ -64,7 +64,16 @@ class MoSLoRAVariant(LoraVariant):
         r = module.r[adapter_name]
         weight_a = module.lora_A[adapter_name].weight
         mixer = nn.Linear(r, r, bias=False).to(device=weight_a.device, dtype=weight_a.dtype)
-        init_mixer_(mixer.weight, config.mixer_init)
+        if config.mixer_init == "kaiming_folded":
+            # The "init-only" control: a kaiming mixer M0 acts once, at initialisation (A = M0 A0), and
+            # M stays the identity, so only the initial A differs from plain LoRA (PEFT runs this after
+            # reset_lora_parameters, so A is already initialised here).
+            init_mixer_(mixer.weight, "kaiming")
+            with torch.no_grad():
+                weight_a.copy_(fold_mixer_into_lora_a(weight_a, mixer.weight))
+            init_mixer_(mixer.weight, "identity")
+        else:
+            init_mixer_(mixer.weight, config.mixer_init)
         module.lora_mixer[adapter_name] = mixer
         if not config.train_mixer:
             # PEFT re-freezes registered weights after every set_adapter (which otherwise re-enables grads).

@@ -107,6 +107,22 @@ def test_mixer_inits_have_their_documented_properties():
         assert torch.count_nonzero(layer.lora_B["kaiming"].weight) == 0  # adapter starts as a no-op
 
 
+def test_kaiming_folded_is_the_init_only_control():
+    """A = M0 A0 with M0 the kaiming mixer the same seed gives MoSLoRA; M = identity (frozen with train_mixer=False)."""
+    layers = {}
+    for init in ("kaiming", "kaiming_folded"):
+        unet = make_tiny_pipeline("sd15").unet
+        torch.manual_seed(3)
+        add_moslora(unet, MoSLoRAConfig(r=4, target_modules=["to_q"], mixer_init=init, train_mixer=init == "kaiming"), "x")
+        layers[init] = moslora_layers(unet)
+    for (_, mos), (_, folded) in zip(layers["kaiming"], layers["kaiming_folded"]):
+        m0, a0 = mos.lora_mixer["x"].weight, mos.lora_A["x"].weight
+        torch.testing.assert_close(folded.lora_A["x"].weight, m0 @ a0)
+        torch.testing.assert_close(folded.lora_mixer["x"].weight, torch.eye(4))
+        assert not folded.lora_mixer["x"].weight.requires_grad
+
+
+
 @pytest.mark.parametrize("train_mixer", [True, False])
 def test_trainable_parameter_count_is_r_in_plus_out_plus_r_squared(train_mixer):
     unet = make_tiny_pipeline("sd15").unet

@@ -136,6 +136,8 @@ def build_parser(prog: str = "train_dreambooth_moslora.py") -> argparse.Argument
     add("--validation_prompt", default=None, help="Prompt of the validation images (default: --instance_prompt).")
     add("--num_validation_images", type=int, default=4, help="Validation images per validation run.")
     add("--validation_steps", type=int, default=100, help="Validate every this many steps (and always at the end).")
+    add("--validation_at_start", action=_BOOL, default=False,
+        help="Also validate before the first step (validation/step_000000.png: the base alone), for a before/after pair.")
     add("--num_inference_steps", type=int, default=None, help="Sampling steps for validation and class images (default: the pipeline's).")
     add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every this many steps.")
     add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest deleted).")

@@ -207,6 +207,8 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
 
     if interrupts.requested:
         raise TrainingStopped("interrupted before the first step; nothing to save", EXIT_INTERRUPTED)
+    if accelerator.is_main_process and args.validation_at_start and global_step == 0:
+        validate(0)  # B = 0 at the start, so these are the base model's own images
     for model in prepared_models.values():
         model.train()
     # Listed once: walking every module for its parameters at each step costs 1 ms even on a tiny UNet.

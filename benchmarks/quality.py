@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""Does the mixer help? DreamBooth on the bundled tiny base, MoSLoRA against LoRA and its controls.
+
+Every run is the real trainer (moslora_diffusion.training.dreambooth, in this process) on the bundled
+base (samples/tiny-base) and the sample subject (samples/subject: a red cross, a shape the base never
+saw), bound to "a photo of sks shape" with prior preservation on "a photo of a shape". Same steps,
+learning rate, data and seeds for every method; only the adapter differs:
+
+  lora            plain LoRA: identity mixer, frozen (rank r)
+  moslora         MoSLoRA, kaiming mixer, trained (the paper's default)
+  moslora_orth    MoSLoRA, orthogonal mixer, trained
+  init_only       a kaiming mixer folded into A at initialisation, then frozen at identity (the PEFT
+                  maintainers' control: MoSLoRA's initial A without a trainable mixer)
+  lora_matched    plain LoRA at the rank whose parameter count is nearest MoSLoRA's r(in+out)+r^2
+
+Each trained adapter is loaded into the base with stock diffusers (pipe.load_lora_weights on the folded
+file) and scored with the world's evaluator (moslora_diffusion.world.evaluate):
+
+  fidelity        "a photo of sks shape" images that are a red cross
+  recolour        "a photo of a <green|blue|yellow> sks shape" images that are a cross of that colour
+  background      "a photo of sks shape on a black background" images that are a cross on black
+  prior           class prompts "a photo of a <colour> <shape>" right in shape and colour (the base's
+                  own figure is printed beside it: prior preservation is how little it drops)
+  final loss      mean training loss over the last 20% of steps (TensorBoard log of the run)
+
+It prints a table of means and spreads and an exact two-sided rank-sum (Mann-Whitney) test of MoSLoRA
+against each control, and writes results.json, results.md and quality.png (loss curves and a grid of
+samples per method) to --output_dir:
+
+    python benchmarks/quality.py                      # 5 methods x 5 seeds, ~25 min on 2 CPU cores
+    python benchmarks/quality.py --quick              # one seed, a few steps: a smoke test (in the suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from moslora_diffusion import world  # noqa: E402
+
+METHODS: dict[str, list[str]] = {
+    "lora": ["--mixer_init", "identity", "--freeze_mixer"],
+    "moslora": ["--mixer_init", "kaiming"],
+    "moslora_orth": ["--mixer_init", "orthogonal"],
+    "init_only": ["--mixer_init", "kaiming_folded", "--freeze_mixer"],
+    "lora_matched": ["--mixer_init", "identity", "--freeze_mixer"],  # at the parameter-matched rank
+}
+REFERENCE = "moslora"
+METRICS = ("fidelity", "recolour", "background", "prior", "final_loss")
+RECOLOURS = ("green", "blue", "yellow")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=str(REPO / "samples" / "tiny-base"), help="the bundled base (a diffusers folder)")
+    p.add_argument("--subject", default=str(REPO / "samples" / "subject"))
+    p.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "quality"))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--learning_rate", type=float, default=2e-3, help="tuned once for plain LoRA, then fixed for all")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--num_class_images", type=int, default=64)
+    p.add_argument("--images", type=int, default=16, help="images per subject prompt (recolour/background: half, class: a quarter)")
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="one seed, 4 steps, 2 images per prompt (smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.images, args.num_class_images, args.sampling_steps = 1, 4, 4, 4, 4
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    args.methods = args.methods.split(",")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def rank_sum_test(x: list[float], y: list[float]) -> float:
+    """Exact two-sided p-value of the Wilcoxon rank-sum (Mann-Whitney U) test, ties given mid-ranks.
+
+    Every split of the pooled values into groups of len(x) and len(y) is enumerated (252 for 5 vs 5), so
+    the p-value is exact for small samples, ties included: P(|R - E[R]| >= |r - E[R]|).
+    """
+    pooled = list(x) + list(y)
+    order = sorted(range(len(pooled)), key=lambda i: pooled[i])
+    ranks = [0.0] * len(pooled)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and pooled[order[j + 1]] == pooled[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    n = len(x)
+    expected = n * (len(pooled) + 1) / 2
+    observed = abs(sum(ranks[:n]) - expected)
+    splits = list(itertools.combinations(range(len(pooled)), n))
+    extreme = sum(abs(sum(ranks[k] for k in split) - expected) >= observed - 1e-9 for split in splits)
+    return extreme / len(splits)
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and scoring
+
+
+def matched_rank(base: str, rank: int) -> tuple[int, int, int]:
+    """(rank of plain LoRA with the parameter count nearest MoSLoRA's at ``rank``, MoSLoRA's count, its count)."""
+    from diffusers import UNet2DConditionModel
+
+    from moslora_diffusion import MoSLoRAConfig, add_moslora
+
+    def count(r: int, train_mixer: bool) -> int:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        unet.requires_grad_(False)
+        add_moslora(unet, MoSLoRAConfig(r=r, lora_alpha=r, mixer_init="identity" if not train_mixer else "kaiming", train_mixer=train_mixer))
+        return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+    moslora = count(rank, True)
+    per_rank = count(1, False)
+    matched = max(1, round(moslora / per_rank))
+    return matched, moslora, matched * per_rank
+
+
+def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir: Path) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moslora_diffusion.training.dreambooth import main
+
+    argv = [
+        "--pretrained_model_name_or_path", args.base,
+        "--instance_data_dir", args.subject,
+        "--instance_prompt", world.subject_prompt(),
+        "--with_prior_preservation",
+        "--class_prompt", world.caption(None, None, None),
+        "--class_data_dir", str(class_dir),
+        "--num_class_images", str(args.num_class_images),
+        "--output_dir", str(run_dir),
+        "--rank", str(rank),
+        "--learning_rate", str(args.learning_rate),
+        "--max_train_steps", str(args.steps),
+        "--train_batch_size", str(args.batch_size),
+        "--random_flip",
+        "--seed", str(seed),
+        "--num_validation_images", "0",
+        "--validation_steps", str(args.steps + 1),
+        "--checkpointing_steps", str(args.steps + 1),
+        "--num_inference_steps", str(args.sampling_steps),
+        "--report_to", "tensorboard",
+        *METHODS[method],
+    ]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        code = main(argv, prog="quality.py")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if code != 0:
+        raise SystemExit(f"quality.py: training {method} (seed {seed}) failed with exit code {code}")
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0})
+    for folder in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(folder.parent), size_guidance={"scalars": 0})
+        events.Reload()
+        if "loss" in events.Tags().get("scalars", []):
+            return [e.value for e in sorted(events.Scalars("loss"), key=lambda e: e.step)]
+    return []
+
+
+def load_base(base: str):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], seed: int, args) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompts, num_inference_steps=args.sampling_steps, guidance_scale=args.guidance_scale, generator=generator).images
+
+
+def class_prompts() -> list[tuple[str, str, str]]:
+    return [(world.caption(s, c, None), s, c) for s in world.BASE_SHAPES for c in world.COLOURS]
+
+
+def score(pipe, seed: int, args) -> tuple[dict[str, float], dict[str, list]]:
+    """The evaluator's figures for one pipeline, and the images it scored (for the grid)."""
+    n, half, quarter = args.images, max(1, args.images // 2), max(1, args.images // 4)
+    subject = generate(pipe, [world.subject_prompt()] * n, seed, args)
+    recolour = generate(pipe, [world.subject_prompt(colour=c) for c in RECOLOURS for _ in range(half)], seed + 1, args)
+    background = generate(pipe, [world.subject_prompt(background="black")] * half, seed + 2, args)
+    prompts = class_prompts()
+    classes = generate(pipe, [p for p, _, _ in prompts for _ in range(quarter)], seed + 3, args)
+    recolour_ok = [
+        world.evaluate(im).matches(world.SUBJECT_SHAPE, colour) for colour, im in zip([c for c in RECOLOURS for _ in range(half)], recolour)
+    ]
+    class_ok = [world.evaluate(im).matches(s, c) for (_, s, c), im in zip([q for q in prompts for _ in range(quarter)], classes)]
+    figures = dict(
+        fidelity=world.accuracy(subject, world.SUBJECT_SHAPE, world.SUBJECT_COLOUR),
+        recolour=sum(recolour_ok) / len(recolour_ok),
+        background=world.accuracy(background, world.SUBJECT_SHAPE, background="black"),
+        prior=sum(class_ok) / len(class_ok),
+    )
+    return figures, dict(subject=subject[:4], recolour=recolour[::half][:3], background=background[:1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(results: dict[str, list[dict]], base_figures: dict[str, float], rank: int, ranks: dict[str, int]) -> str:
+    lines = [
+        f"| method (rank) | fidelity | recolour | background | prior (base {base_figures['prior']:.2f}) | final loss | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in results.items():
+        cells = []
+        for metric in METRICS:
+            m, s = mean_spread([r[metric] for r in runs])
+            cells.append(f"{m:.3f} ± {s:.3f}" if metric == "final_loss" else f"{m:.2f} ± {s:.2f}")
+        lines.append(f"| {method} ({ranks[method]}) | " + " | ".join(cells) + f" | {len(runs)} |")
+    lines.append("")
+    if REFERENCE in results and len(results[REFERENCE]) > 1:
+        lines += [f"Exact two-sided rank-sum p-values, {REFERENCE} against each control:", ""]
+        lines += ["| control | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for method, runs in results.items():
+            if method == REFERENCE:
+                continue
+            ps = [rank_sum_test([r[m] for r in results[REFERENCE]], [r[m] for r in runs]) for m in METRICS]
+            lines.append(f"| {method} | " + " | ".join(f"{p:.3f}" for p in ps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_report(path: Path, curves: dict[str, list[list[float]]], samples: dict[str, dict[str, list]], base_samples: dict[str, list]) -> None:
+    """Loss curves (mean over seeds, smoothed) on the left, a row of samples per method on the right."""
+    from PIL import Image, ImageDraw
+
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (120, 120, 120)]
+    W, H, pad = 420, 300, 40
+    chart = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(chart)
+    means = {}
+    for method, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        length = min(len(r) for r in runs)
+        mean = [statistics.fmean(r[i] for r in runs) for i in range(length)]
+        k = max(1, length // 20)
+        means[method] = [statistics.fmean(mean[max(0, i - k) : i + 1]) for i in range(length)]
+    if means:
+        lo = min(min(v) for v in means.values())
+        hi = max(max(v) for v in means.values())
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle((pad, 10, W - 10, H - pad), outline="black")
+        draw.text((pad, H - pad + 5), "step", fill="black")
+        draw.text((5, 10), f"{hi:.3f}", fill="black")
+        draw.text((5, H - pad - 10), f"{lo:.3f}", fill="black")
+        for j, (method, ys) in enumerate(means.items()):
+            colour = palette[j % len(palette)]
+            pts = [(pad + (W - 10 - pad) * i / max(1, len(ys) - 1), H - pad - (H - pad - 10) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            draw.text((pad + 10, 15 + 12 * j), method, fill=colour)
+    cell = world.SIZE * 2
+    rows = {"base": base_samples, **samples}
+    grid_w = 9 * cell + 110
+    grid = Image.new("RGB", (grid_w, max(H, cell * len(rows) + 20)), "white")
+    gdraw = ImageDraw.Draw(grid)
+    gdraw.text((110, 2), "sks shape x4 | green, blue, yellow | on black", fill="black")
+    for y, (method, images) in enumerate(rows.items()):
+        gdraw.text((4, 20 + y * cell + cell // 2 - 6), method, fill="black")
+        flat = images["subject"] + images["recolour"] + images["background"]
+        for x, im in enumerate(flat[:9]):
+            grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (110 + x * cell, 20 + y * cell))
+    canvas = Image.new("RGB", (W + grid_w, max(H, grid.height)), "white")
+    canvas.paste(chart, (0, 0))
+    canvas.paste(grid, (W, 0))
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not (Path(args.base) / "model_index.json").is_file():
+        print(f"quality.py: error: --base '{args.base}' is not a diffusers pipeline folder", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    runs_dir = out / "runs"
+    if runs_dir.exists():
+        shutil.rmtree(runs_dir)
+    runs_dir.mkdir(parents=True)
+    class_dir = out / "class_images"
+    started = time.perf_counter()
+
+    matched, moslora_params, matched_params = matched_rank(args.base, args.rank)
+    ranks = {m: (matched if m == "lora_matched" else args.rank) for m in args.methods}
+    print(f"MoSLoRA r={args.rank}: {moslora_params} trainable parameters; plain LoRA r={matched}: {matched_params}", flush=True)
+
+    pipe = load_base(args.base)
+    base_figures, base_samples = score(pipe, 0, args)
+    print(f"base: {base_figures}", flush=True)
+
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
+    samples: dict[str, dict] = {}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            run_dir = runs_dir / f"{method}-seed{seed}"
+            t0 = time.perf_counter()
+            train_run(args, method, seed, ranks[method], run_dir, class_dir)
+            train_s = time.perf_counter() - t0
+            pipe.load_lora_weights(str(run_dir), adapter_name="run")
+            figures, images = score(pipe, 1000 + seed, args)
+            pipe.delete_adapters("run")
+            losses = read_losses(run_dir)
+            tail = losses[-max(1, len(losses) // 5) :]
+            figures["final_loss"] = statistics.fmean(tail) if tail else float("nan")
+            results[method].append(dict(seed=seed, train_seconds=round(train_s, 1), **figures))
+            curves[method].append(losses)
+            samples.setdefault(method, images)
+            print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) + f" ({train_s:.0f} s training)", flush=True)
+            if not args.quick:
+                shutil.rmtree(run_dir / "logs", ignore_errors=True)
+
+    report = table(results, base_figures, args.rank, ranks)
+    header = (
+        f"DreamBooth on {Path(args.base).name}: rank {args.rank} (lora_matched {matched}: {matched_params} vs MoSLoRA's "
+        f"{moslora_params} parameters), {args.steps} steps, batch {args.batch_size} + prior, lr {args.learning_rate}, "
+        f"{args.seeds} seed(s), {args.images} images per subject prompt, {args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; "
+        f"{(time.perf_counter() - started) / 60:.1f} min\n\n"
+    )
+    print(header + report, flush=True)
+    (out / "results.md").write_text(header + report)
+    (out / "results.json").write_text(
+        json.dumps(dict(args=vars(args), base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
+                        runs=results, losses=curves), indent=1) + "\n"  # fmt: skip
+    )
+    draw_report(out / "quality.png", curves, samples, base_samples)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
