@@ -11,7 +11,8 @@ learning rate, data and seeds for every method; only the adapter differs:
   moslora_orth    MoSLoRA, orthogonal mixer, trained
   init_only       a kaiming mixer folded into A at initialisation, then frozen at identity (the PEFT
                   maintainers' control: MoSLoRA's initial A without a trainable mixer)
-  lora_matched    plain LoRA at the rank whose parameter count is nearest MoSLoRA's r(in+out)+r^2
+  lora_matched    plain LoRA at the smallest rank with at least MoSLoRA's parameter count (r(in+out)+r^2
+                  per layer), so the mixer's extra parameters are not what decides
 
 Each trained adapter is loaded into the base with stock diffusers (pipe.load_lora_weights on the folded
 file) and scored with the world's evaluator (moslora_diffusion.world.evaluate):
@@ -27,7 +28,7 @@ It prints a table of means and spreads and an exact two-sided rank-sum (Mann-Whi
 against each control, and writes results.json, results.md and quality.png (loss curves and a grid of
 samples per method) to --output_dir:
 
-    python benchmarks/quality.py                      # 5 methods x 5 seeds, ~25 min on 2 CPU cores
+    python benchmarks/quality.py --threads 1 --jobs 2  # 5 methods x 5 seeds, ~40 min on 2 CPU cores
     python benchmarks/quality.py --quick              # one seed, a few steps: a smoke test (in the suite)
 """
 
@@ -71,14 +72,16 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="tuned once for plain LoRA, then fixed for all")
+    p.add_argument("--target_modules", default="attention+ff", help="preset or module names (the trainer's flag)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="tuned once for plain LoRA, then fixed for all")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--num_class_images", type=int, default=64)
     p.add_argument("--images", type=int, default=16, help="images per subject prompt (recolour/background: half, class: a quarter)")
     p.add_argument("--sampling_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; use --threads 1 --jobs 2 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="one seed, 4 steps, 2 images per prompt (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -98,7 +101,8 @@ def rank_sum_test(x: list[float], y: list[float]) -> float:
     """Exact two-sided p-value of the Wilcoxon rank-sum (Mann-Whitney U) test, ties given mid-ranks.
 
     Every split of the pooled values into groups of len(x) and len(y) is enumerated (252 for 5 vs 5), so
-    the p-value is exact for small samples, ties included: P(|R - E[R]| >= |r - E[R]|).
+    the p-value is exact for small samples, ties included: twice the smaller tail of x's rank sum, capped
+    at 1 (scipy's convention for mannwhitneyu and permutation_test).
     """
     pooled = list(x) + list(y)
     order = sorted(range(len(pooled)), key=lambda i: pooled[i])
@@ -112,11 +116,11 @@ def rank_sum_test(x: list[float], y: list[float]) -> float:
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
     n = len(x)
-    expected = n * (len(pooled) + 1) / 2
-    observed = abs(sum(ranks[:n]) - expected)
-    splits = list(itertools.combinations(range(len(pooled)), n))
-    extreme = sum(abs(sum(ranks[k] for k in split) - expected) >= observed - 1e-9 for split in splits)
-    return extreme / len(splits)
+    observed = sum(ranks[:n])
+    sums = [sum(ranks[k] for k in split) for split in itertools.combinations(range(len(pooled)), n)]
+    upper = sum(s >= observed - 1e-9 for s in sums) / len(sums)
+    lower = sum(s <= observed + 1e-9 for s in sums) / len(sums)
+    return min(1.0, 2 * min(upper, lower))
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -130,8 +134,8 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 # Training and scoring
 
 
-def matched_rank(base: str, rank: int) -> tuple[int, int, int]:
-    """(rank of plain LoRA with the parameter count nearest MoSLoRA's at ``rank``, MoSLoRA's count, its count)."""
+def matched_rank(base: str, rank: int, target_modules: str) -> tuple[int, int, int]:
+    """(smallest plain-LoRA rank with at least MoSLoRA's parameter count at ``rank``, MoSLoRA's count, its count)."""
     from diffusers import UNet2DConditionModel
 
     from moslora_diffusion import MoSLoRAConfig, add_moslora
@@ -139,12 +143,13 @@ def matched_rank(base: str, rank: int) -> tuple[int, int, int]:
     def count(r: int, train_mixer: bool) -> int:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         unet.requires_grad_(False)
-        add_moslora(unet, MoSLoRAConfig(r=r, lora_alpha=r, mixer_init="identity" if not train_mixer else "kaiming", train_mixer=train_mixer))
+        config = MoSLoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, mixer_init="identity" if not train_mixer else "kaiming", train_mixer=train_mixer)
+        add_moslora(unet, config)
         return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
     moslora = count(rank, True)
     per_rank = count(1, False)
-    matched = max(1, round(moslora / per_rank))
+    matched = -(-moslora // per_rank)
     return matched, moslora, matched * per_rank
 
 
@@ -163,10 +168,12 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         "--num_class_images", str(args.num_class_images),
         "--output_dir", str(run_dir),
         "--rank", str(rank),
+        "--target_modules", args.target_modules,
         "--learning_rate", str(args.learning_rate),
         "--max_train_steps", str(args.steps),
         "--train_batch_size", str(args.batch_size),
         "--random_flip",
+        "--cache_latents",
         "--seed", str(seed),
         "--num_validation_images", "0",
         "--validation_steps", str(args.steps + 1),
@@ -311,6 +318,34 @@ def draw_report(path: Path, curves: dict[str, list[list[float]]], samples: dict[
     canvas.save(path)
 
 
+def ensure_class_images(pipe, class_dir: Path, args) -> None:
+    """The prior-preservation images, made once by the base (so parallel runs never race to make them)."""
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = args.num_class_images - len(list(class_dir.glob("*.png")))
+    if missing > 0:
+        prompt = world.caption(None, None, None)
+        for i, image in enumerate(generate(pipe, [prompt] * missing, 12345, args)):
+            image.save(class_dir / f"class_{args.num_class_images - missing + i:04d}.png")
+
+
+def run_task(task) -> tuple[str, int, dict, list[float], dict]:
+    """Train one (method, seed) with the real trainer, load its folded file with stock diffusers, score it."""
+    args, method, seed, rank, run_dir, class_dir = task
+    t0 = time.perf_counter()
+    train_run(args, method, seed, rank, run_dir, class_dir)
+    train_s = time.perf_counter() - t0
+    pipe = load_base(args.base)
+    pipe.load_lora_weights(str(run_dir), adapter_name="run")
+    figures, images = score(pipe, 1000 + seed, args)
+    losses = read_losses(run_dir)
+    tail = losses[-max(1, len(losses) // 5) :]
+    figures["final_loss"] = statistics.fmean(tail) if tail else float("nan")
+    figures["train_seconds"] = round(train_s, 1)
+    if not args.quick:
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    return method, seed, figures, losses, images
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -325,7 +360,7 @@ def main(argv=None) -> int:
     class_dir = out / "class_images"
     started = time.perf_counter()
 
-    matched, moslora_params, matched_params = matched_rank(args.base, args.rank)
+    matched, moslora_params, matched_params = matched_rank(args.base, args.rank, args.target_modules if args.target_modules in ('attention', 'attention+ff') else args.target_modules.split(','))
     ranks = {m: (matched if m == "lora_matched" else args.rank) for m in args.methods}
     print(f"MoSLoRA r={args.rank}: {moslora_params} trainable parameters; plain LoRA r={matched}: {matched_params}", flush=True)
 
@@ -333,27 +368,28 @@ def main(argv=None) -> int:
     base_figures, base_samples = score(pipe, 0, args)
     print(f"base: {base_figures}", flush=True)
 
+    ensure_class_images(pipe, class_dir, args)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
     samples: dict[str, dict] = {}
-    for seed in range(args.seeds):
-        for method in args.methods:
-            run_dir = runs_dir / f"{method}-seed{seed}"
-            t0 = time.perf_counter()
-            train_run(args, method, seed, ranks[method], run_dir, class_dir)
-            train_s = time.perf_counter() - t0
-            pipe.load_lora_weights(str(run_dir), adapter_name="run")
-            figures, images = score(pipe, 1000 + seed, args)
-            pipe.delete_adapters("run")
-            losses = read_losses(run_dir)
-            tail = losses[-max(1, len(losses) // 5) :]
-            figures["final_loss"] = statistics.fmean(tail) if tail else float("nan")
-            results[method].append(dict(seed=seed, train_seconds=round(train_s, 1), **figures))
-            curves[method].append(losses)
-            samples.setdefault(method, images)
-            print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) + f" ({train_s:.0f} s training)", flush=True)
-            if not args.quick:
-                shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    tasks = [(args, method, seed, ranks[method], runs_dir / f"{method}-seed{seed}", class_dir) for seed in range(args.seeds) for method in args.methods]
+    if args.jobs > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,))
+        outcomes = pool.imap(run_task, tasks)
+    else:
+        pool, outcomes = None, map(run_task, tasks)
+    for method, seed, figures, losses, images in outcomes:
+        results[method].append(dict(seed=seed, **figures))
+        curves[method].append(losses)
+        if seed == 0:
+            samples[method] = images
+        print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
+    samples = {m: samples[m] for m in args.methods if m in samples}
 
     report = table(results, base_figures, args.rank, ranks)
     header = (

@@ -101,12 +101,14 @@ def test_sd15_checkpoints_prune_and_validation_logs(runs):
 
 
 def test_sample_config_runs_the_built_in_default(tmp_path):
-    """The README's main job: samples/dreambooth_tiny.toml (tiny:sd15 + samples/subject), shortened here."""
+    """The README's main job: samples/dreambooth_tiny.toml (the bundled base + samples/subject), shortened here."""
     out = tmp_path / "out"
     argv = ["--config", str(REPO / "samples" / "dreambooth_tiny.toml"), "--output_dir", str(out), "--max_train_steps", "1",
-            "--num_validation_images", "1", "--report_to", "none"]
+            "--num_validation_images", "1", "--num_inference_steps", "2", "--report_to", "none"]
     assert run_main(argv) == 0
     assert all((out / name).is_file() for name in ADAPTER_FILES)
+    assert (out / "validation" / "step_000000.png").is_file()  # before (validation_at_start)
+    assert (out / "validation" / "final.png").is_file()  # after
 
 
 def test_mixed_precision_keeps_adapters_in_fp32_with_gradient_checkpointing(tmp_path):

@@ -1,0 +1,62 @@
+"""benchmarks/quality.py: its statistics, and its --quick mode as a smoke test on the bundled base."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import quality  # noqa: E402
+
+
+def test_rank_sum_test_exact_values():
+    # Complete separation of 5 vs 5: 2 of the 252 splits are as extreme (one each side).
+    assert quality.rank_sum_test([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(2 / 252)
+    assert quality.rank_sum_test([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert quality.rank_sum_test([1, 1, 1], [1, 1, 1]) == 1.0  # all tied: no evidence at all
+    assert quality.rank_sum_test([0.5, 0.9, 0.1, 0.7, 0.3], [0.6, 0.2, 0.8, 0.4, 1.0]) > 0.5
+
+
+def test_rank_sum_test_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    cases = [
+        ([0.9, 0.8, 0.85, 0.95, 0.7], [0.6, 0.65, 0.8, 0.7, 0.5]),
+        ([0.25, 0.5, 0.5, 0.75, 1.0], [0.0, 0.25, 0.25, 0.5, 0.5]),
+        ([1, 2, 3], [2, 3, 4, 5]),
+    ]
+    for x, y in cases:
+        ours = quality.rank_sum_test(x, y)
+        ref = stats.permutation_test(
+            (x, y), lambda a, b: stats.rankdata(list(a) + list(b))[: len(a)].sum(), permutation_type="independent",
+            alternative="two-sided", n_resamples=math.inf,
+        ).pvalue  # fmt: skip
+        assert ours == pytest.approx(ref, abs=1e-9), (x, y)
+
+
+def test_quick_mode_trains_and_scores_every_method(tmp_path):
+    """One seed, a few steps of the real trainer for each method, adapters loaded by stock diffusers, scored."""
+    code = quality.main(["--quick", "--output_dir", str(tmp_path), "--threads", "2"])
+    assert code == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["runs"]) == list(quality.METHODS)
+    assert report["ranks"]["lora_matched"] > report["ranks"]["lora"]  # parameter-matched is a different rank
+    assert report["parameters"]["lora_matched"] >= report["parameters"]["moslora"]
+    for method, runs in report["runs"].items():
+        assert len(runs) == 1
+        for metric in ("fidelity", "recolour", "background", "prior"):
+            assert 0.0 <= runs[0][metric] <= 1.0, (method, metric)
+        assert math.isfinite(runs[0]["final_loss"])
+        assert len(report["losses"][method][0]) == 4  # one logged loss per step
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    assert "| moslora (" in (tmp_path / "results.md").read_text()
+
+
+def test_bad_base_is_one_line_error(tmp_path, capsys):
+    assert quality.main(["--quick", "--base", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]) == 2
+    assert "is not a diffusers pipeline folder" in capsys.readouterr().err
