@@ -118,18 +118,6 @@ def subject_prompt(colour: str | None = None, background: str | None = None) -> 
     return f"{text} on a {background} background" if background else text
 
 
-def random_example(rng: random.Random, shapes: Sequence[str] = BASE_SHAPES) -> tuple[Image.Image, str, tuple[str, str, str]]:
-    """A random image of the base world and a caption with parts randomly left out (as in pretraining)."""
-    shape, colour, background = rng.choice(shapes), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
-    image = render(shape, colour, background, rng=rng)
-    text = caption(
-        shape if rng.random() > 0.15 else None,
-        colour if rng.random() > 0.15 else None,
-        background if rng.random() > 0.3 else None,
-    )
-    return image, text, (shape, colour, background)
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 
