@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
+from PIL import Image
 from train_support import native_adapter, train
 
 from moslora_diffusion.training.checkpoints import STATE_FILE
@@ -58,10 +60,13 @@ def test_prior_preservation_generates_missing_class_images_once(tmp_path):
     made = sorted(class_dir.glob("*.png"))
     assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
     stamps = [p.stat().st_mtime_ns for p in made]
-    lost = (class_dir / "class_00001.png").read_bytes()
-    (class_dir / "class_00001.png").unlink()  # lose one: only it is made again, identical (seeded per image)
+    lost = np.asarray(Image.open(class_dir / "class_00001.png"), dtype=np.int16)
+    (class_dir / "class_00001.png").unlink()  # lose one: only it is made again, the same image (seeded per image)
     train("sd15", tmp_path / "second", *flags, "--cache_latents")
     assert sorted(class_dir.glob("*.png")) == made
-    assert (class_dir / "class_00001.png").read_bytes() == lost
+    again = np.asarray(Image.open(class_dir / "class_00001.png"), dtype=np.int16)
+    # Not bit-identical: it was made in a batch of 2 and is now made alone, and CPU kernels may round
+    # differently per batch size; a different seed would differ everywhere by far more.
+    assert np.abs(again - lost).max() <= 3, np.abs(again - lost).max()
     assert [p.stat().st_mtime_ns for p in made if p.name != "class_00001.png"] == [s for p, s in zip(made, stamps) if p.name != "class_00001.png"]
     assert not list(class_dir.glob(".*.tmp"))
