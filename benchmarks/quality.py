@@ -196,7 +196,6 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
 def read_losses(run_dir: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0})
     for folder in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
         events = EventAccumulator(str(folder.parent), size_guidance={"scalars": 0})
         events.Reload()
@@ -247,7 +246,7 @@ def score(pipe, seed: int, args) -> tuple[dict[str, float], dict[str, list]]:
 # Report
 
 
-def table(results: dict[str, list[dict]], base_figures: dict[str, float], rank: int, ranks: dict[str, int]) -> str:
+def table(results: dict[str, list[dict]], base_figures: dict[str, float], ranks: dict[str, int]) -> str:
     lines = [
         f"| method (rank) | fidelity | recolour | background | prior (base {base_figures['prior']:.2f}) | final loss | seeds |",
         "|---|---|---|---|---|---|---|",
@@ -391,7 +390,7 @@ def main(argv=None) -> int:
         pool.join()
     samples = {m: samples[m] for m in args.methods if m in samples}
 
-    report = table(results, base_figures, args.rank, ranks)
+    report = table(results, base_figures, ranks)
     header = (
         f"DreamBooth on {Path(args.base).name}: rank {args.rank} (lora_matched {matched}: {matched_params} vs MoSLoRA's "
         f"{moslora_params} parameters), {args.steps} steps, batch {args.batch_size} + prior, lr {args.learning_rate}, "

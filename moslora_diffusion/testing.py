@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -198,15 +198,19 @@ def _check_family(family: str) -> str:
 # Tokenizers
 
 
-def make_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
-    """Character-level CLIP tokenizer: every byte-level character, alone and as a word end, no merges."""
+def make_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, merges: Sequence[tuple[str, str]] = ()):
+    """CLIP tokenizer over every byte-level character, alone and as a word end; character-level unless
+    ``merges`` are given (their merged tokens join the vocabulary, before the two special tokens)."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    known = set(tokens)
+    tokens += list(dict.fromkeys(a + b for a, b in merges if a + b not in known))
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
 
 
 def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):

@@ -164,20 +164,9 @@ def build_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 
 def make_tokenizer(model_max_length: int = MAX_TOKENS):
     """Word-level CLIP tokenizer of the world: its words are single tokens, anything else is characters."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from .testing import make_clip_tokenizer
 
-    chars = list(bytes_to_unicode().values())
-    merges = build_merges(WORDS)
-    tokens = chars + [c + "</w>" for c in chars]
-    seen = set(tokens)
-    for a, b in merges:
-        if a + b not in seen:
-            seen.add(a + b)
-            tokens.append(a + b)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+    return make_clip_tokenizer(model_max_length, merges=build_merges(WORDS))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,13 @@ def test_build_merges_survive_overlapping_words():
         assert world._bpe(word, ranks) == (word + "</w>",)
 
 
+@pytest.mark.skipif(not BASE.is_dir(), reason="samples/tiny-base not built")
+def test_bundled_base_tokenizer_is_the_worlds():
+    from transformers import CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(BASE / "tokenizer").get_vocab() == world.make_tokenizer().get_vocab()
+
+
 def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
     from transformers import CLIPTokenizer
 

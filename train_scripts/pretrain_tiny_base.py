@@ -4,7 +4,7 @@
 Three stages, all on CPU, deterministic given --seed and --threads:
 
 1. a pool of rendered images (4 shapes x 4 colours x 2 backgrounds, jittered in place and size);
-2. an AutoencoderKL (32, 64) -> 16x16x4 latents, trained on the pool (MSE + a small KL term); its
+2. an AutoencoderKL (16, 32; no mid-block attention) -> 16x16x4 latents, trained on the pool (MSE + a small KL term); its
    scaling_factor is 1/std of the pool's latents, as in Stable Diffusion;
 3. a UNet2DConditionModel (cross-attention at 8x8 and 4x4 only) and a CLIPTextModel (64 wide, 3 layers)
    trained jointly on epsilon prediction with min-SNR weighting, captions with parts left out (so "a
