@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 from benchmarks.bench_train_step import add_peft_method
 from benchmarks.common import Method, markdown_header, markdown_row, summarize, time_interleaved
 
-METHODS = ("peft_lora", "moslora", "moslora_fold", "moslora_naive")
+METHODS = ("peft_lora", "moslora", "moslora_v1", "moslora_fold", "moslora_naive")
 
 
 class LinearStack(nn.Module):

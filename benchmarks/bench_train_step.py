@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Several adapters on one model is the point here.
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 METHODS = ("peft_lora", "moslora", "moslora_naive", "lycoris_locon")
-OPTIONAL_METHODS = ("moslora_fold", "lycoris_locon_bypass")
+OPTIONAL_METHODS = ("moslora_fold", "moslora_v1", "lycoris_locon_bypass")
 
 
 class NaiveMoSLoRAVariant(MoSLoRAVariant):
@@ -82,8 +82,24 @@ class FoldingMoSLoRAVariant(MoSLoRAVariant):
         return result + module.lora_B[active_adapter](down) * module.scaling[active_adapter]
 
 
+class PerCallOrderMoSLoRAVariant(MoSLoRAVariant):
+    """The library's forward of sessions 1-2 (2026-11-29/30), verbatim: the cheaper of per-token mixing and
+    folding into A, then PEFT LoRA's tail (B as a module call, times s, plus the result): five operators."""
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        lora_a = module.lora_A[active_adapter]
+        mixer = module.lora_mixer[active_adapter].weight
+        x = module.lora_dropout[active_adapter](x)
+        if x.numel() < x.shape[-1] * lora_a.in_features:
+            down = F.linear(F.linear(x, lora_a.weight), mixer)
+        else:
+            down = F.linear(x, mixer @ lora_a.weight)
+        return result + module.lora_B[active_adapter](down) * module.scaling[active_adapter]
+
+
 # MoSLoRA adapters whose forward is replaced by another formulation of the same maths.
-VARIANTS = {"moslora_naive": NaiveMoSLoRAVariant, "moslora_fold": FoldingMoSLoRAVariant}
+VARIANTS = {"moslora_naive": NaiveMoSLoRAVariant, "moslora_fold": FoldingMoSLoRAVariant, "moslora_v1": PerCallOrderMoSLoRAVariant}
 
 # ---------------------------------------------------------------------------------------------------
 # Models: real widths, random weights; depth reduced where CPU time or memory demands (see `describe`).

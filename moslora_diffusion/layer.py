@@ -94,17 +94,35 @@ class MoSLoRAVariant(LoraVariant):
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_a = module.lora_A[active_adapter]
+        lora_b = module.lora_B[active_adapter]
         mixer = module.lora_mixer[active_adapter].weight
-        x = module.lora_dropout[active_adapter](x)
+        scaling = module.scaling[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)
         if not isinstance(lora_a, nn.Linear):
             down = lora_a._conv_forward(x, fold_mixer_into_lora_a(lora_a.weight, mixer), None)
-        elif x.numel() < x.shape[-1] * lora_a.in_features:
-            # Fewer tokens than input features (small latents, 77 text tokens): mixing each token is cheaper
-            # than the fold, in time (r^2 per token vs r^2 * in, forward and backward) and saved memory.
-            down = F.linear(F.linear(x, lora_a.weight), mixer)
+            return result + lora_b(down) * scaling
+        # Linear: three operators, one fewer than PEFT LoRA's B(A x) * s + result (the scale and the sum
+        # ride on one addmm), with M applied where it costs least, all exact: on each token's r features
+        # (r^2 per token), folded into B (B M: r^2 * out per call) or folded into A (M A: r^2 * in).
+        # Few tokens (77-token contexts, small latents) mix per token; many tokens fold into the
+        # narrower side. The same choice keeps the least for backward (T x r, or an r x out/in weight).
+        in_features, out_features = lora_a.in_features, lora_b.out_features
+        x2d = x.reshape(-1, in_features)
+        tokens = x2d.shape[0]
+        weight_b = lora_b.weight
+        if tokens <= min(in_features, out_features):
+            down = F.linear(F.linear(x2d, lora_a.weight), mixer)
+        elif out_features <= in_features:
+            down = F.linear(x2d, lora_a.weight)
+            weight_b = weight_b @ mixer
         else:
-            down = F.linear(x, mixer @ lora_a.weight)
-        return result + module.lora_B[active_adapter](down) * module.scaling[active_adapter]
+            down = F.linear(x2d, mixer @ lora_a.weight)
+        base = result.reshape(-1, out_features)
+        if base.dtype != down.dtype:  # a bf16 base under fp32 adapters, outside autocast: PEFT casts back
+            base = base.to(down.dtype)
+        return torch.addmm(base, down, weight_b.t(), alpha=scaling).view(*result.shape[:-1], out_features)
 
 
 class _MoSLoRAMixin:

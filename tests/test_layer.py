@@ -155,21 +155,53 @@ def test_gradients_reach_A_M_B_and_nothing_else():
     assert kinds == {"lora_A", "lora_B", "lora_mixer"}
 
 
-@pytest.mark.parametrize("tokens_per_input_feature", [0.5, 2.0])
-def test_forward_and_gradients_are_exact_whichever_order_applies_the_mixer(tokens_per_input_feature):
-    """The forward mixes each token (fewer tokens than input features) or folds M into A (more): same maths."""
-    unet = make_tiny_pipeline("sd15").unet
-    add_moslora(unet, MoSLoRAConfig(r=4, lora_alpha=6), "x")
-    randomize_adapter(unet, "x")
-    _, layer = next(moslora_layers(unet))
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.narrow_out = torch.nn.Linear(48, 16)  # out < in: many tokens fold M into B
+        self.wide_out = torch.nn.Linear(16, 48)  # out > in: many tokens fold M into A
+
+
+@pytest.mark.parametrize("tokens", [8, 12, 100])  # per token (<= 16 features), folded (> 16), across a batch dim
+@pytest.mark.parametrize("name", ["narrow_out", "wide_out"])
+def test_forward_and_gradients_are_exact_whichever_order_applies_the_mixer(name, tokens):
+    """The forward mixes each token (few tokens) or folds M into B or A (many): the same maths, and grads."""
+    torch.manual_seed(0)
+    model = _TwoLinears()
+    add_moslora(model, MoSLoRAConfig(r=4, lora_alpha=6, target_modules=["narrow_out", "wide_out"]), "x")
+    randomize_adapter(model, "x")
+    layer = getattr(model, name)
     n_in = layer.get_base_layer().in_features
-    x = torch.randn(1, int(n_in * tokens_per_input_feature), n_in, requires_grad=True)
+    x = torch.randn(2, tokens // 2, n_in, requires_grad=True)
     params = [layer.lora_A["x"].weight, layer.lora_mixer["x"].weight, layer.lora_B["x"].weight, x]
     out, ref = layer(x), reference_output(layer, "x", x)
+    assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     weights = torch.randn(out.shape)
     for got, want in zip(torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_under_autocast_and_with_dropout_matches_the_reference():
+    """bf16 autocast (mixed precision) and a live dropout go through the same forward."""
+    torch.manual_seed(0)
+    model = _TwoLinears()
+    add_moslora(model, MoSLoRAConfig(r=4, lora_dropout=0.5, target_modules=["narrow_out"]), "x")
+    randomize_adapter(model, "x")
+    layer = model.narrow_out
+    x = torch.randn(3, 40, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.eval()(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference_output(layer, "x", x), atol=5e-2, rtol=5e-2)
+    layer.train()
+    torch.manual_seed(1)
+    dropped = layer(x)
+    torch.manual_seed(1)
+    x_dropped = layer.lora_dropout["x"](x)
+    base = layer.get_base_layer()
+    want = reference_output(layer, "x", x_dropped) - F.linear(x_dropped, base.weight, base.bias) + F.linear(x, base.weight, base.bias)
+    torch.testing.assert_close(dropped, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
