@@ -2,8 +2,8 @@
 
     y = W0 x + s * B M A x      A: r x in (lora_A), M: r x r (lora_mixer), B: out x r (lora_B)
 
-The forward applies M in whichever order costs less, both exact: folded into A once per call
-(A' = M A, r^2 * in multiply-adds) or on every token's r features (r^2 per token); merging adds
+The forward applies M wherever it costs least, all exact: on every token's r features (r^2 per
+token), folded into B once per call (B M, r^2 * out) or folded into A (M A, r^2 * in); merging adds
 s * B M A to W0. Plain LoRA adapters can live in the same layer: only adapters created from a
 :class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
 """
@@ -102,27 +102,24 @@ class MoSLoRAVariant(LoraVariant):
             x = dropout(x)
         if not isinstance(lora_a, nn.Linear):
             down = lora_a._conv_forward(x, fold_mixer_into_lora_a(lora_a.weight, mixer), None)
-            return result + lora_b(down) * scaling
-        # Linear: three operators, one fewer than PEFT LoRA's B(A x) * s + result (the scale and the sum
-        # ride on one addmm), with M applied where it costs least, all exact: on each token's r features
-        # (r^2 per token), folded into B (B M: r^2 * out per call) or folded into A (M A: r^2 * in).
-        # Few tokens (77-token contexts, small latents) mix per token; many tokens fold into the
-        # narrower side. The same choice keeps the least for backward (T x r, or an r x out/in weight).
+            return torch.add(result, lora_b(down), alpha=scaling)
+        # Linear: M goes where it costs least, all exact: on each token's r features (r^2 per token),
+        # folded into B (B M: r^2 * out per call) or into A (M A: r^2 * in). Few tokens (77-token
+        # contexts, small latents) mix per token; many fold into the narrower side. The same choice keeps
+        # the least for backward (a T x r activation, or an r x out / r x in weight). The scale rides on
+        # the sum (add with alpha): four operators, as many as PEFT LoRA's B(A x) * s + result, and no
+        # module calls.
         in_features, out_features = lora_a.in_features, lora_b.out_features
-        x2d = x.reshape(-1, in_features)
-        tokens = x2d.shape[0]
-        weight_b = lora_b.weight
+        weight_a, weight_b = lora_a.weight, lora_b.weight
+        tokens = x.numel() // in_features
         if tokens <= min(in_features, out_features):
-            down = F.linear(F.linear(x2d, lora_a.weight), mixer)
+            down = F.linear(F.linear(x, weight_a), mixer)
         elif out_features <= in_features:
-            down = F.linear(x2d, lora_a.weight)
+            down = F.linear(x, weight_a)
             weight_b = weight_b @ mixer
         else:
-            down = F.linear(x2d, mixer @ lora_a.weight)
-        base = result.reshape(-1, out_features)
-        if base.dtype != down.dtype:  # a bf16 base under fp32 adapters, outside autocast: PEFT casts back
-            base = base.to(down.dtype)
-        return torch.addmm(base, down, weight_b.t(), alpha=scaling).view(*result.shape[:-1], out_features)
+            down = F.linear(x, mixer @ weight_a)
+        return torch.add(result, F.linear(down, weight_b), alpha=scaling)
 
 
 class _MoSLoRAMixin:
