@@ -192,7 +192,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .training.dreambooth import main as train_main
+    from .training.entry import main as train_main
 
     return train_main(args.train_args, prog="moslora train")
 

@@ -15,9 +15,10 @@ from typing import Literal
 
 from peft import LoraConfig
 
+from .choices import MIXER_INITS
 from .targets import DEFAULT_PRESET, PRESET_NAMES, preset_union
 
-MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
+__all__ = ["MIXER_INITS", "MOSLORA_ONLY_FIELDS", "MoSLoRAConfig"]
 
 # Settings that exist only in MoSLoRA; stock loaders reject them in ``lora_adapter_metadata``.
 MOSLORA_ONLY_FIELDS = ("use_moslora", "mixer_init", "train_mixer")

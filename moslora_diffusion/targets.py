@@ -7,7 +7,10 @@ layers) resolves to PEFT ``target_modules`` for the model it is applied to. Anyt
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch (fast --help)
+    from torch import nn
 
 _UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 _JOINT_ATTN = _UNET_ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

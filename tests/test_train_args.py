@@ -181,3 +181,22 @@ def test_moslora_train_takes_the_scripts_flags(tmp_path, capsys):
     assert cli.main(["train", *tiny_run_argv("sd15", out, "--target_modules", "atention")]) == 2
     assert capsys.readouterr().err.strip() == "moslora train: error: Unknown target preset 'atention'; presets are ['attention', 'attention+ff'] (or give module names)"
     assert not out.exists()
+
+
+_HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+@pytest.mark.parametrize(
+    "argv,status",
+    [(["--help"], 0), (["train", "--help"], 0), (["export", "--help"], 0), (["train", "--rankk", "3"], 2), (["train", "--rank", "x"], 2)],
+)
+def test_help_and_flag_errors_answer_before_the_heavy_imports(argv, status):
+    """`moslora --help`, `moslora train --help` and bad flags must not wait for torch & co. (seconds each)."""
+    code = (
+        "import sys\nfrom moslora_diffusion.cli import main\n"
+        f"try:\n    status = main({argv!r})\nexcept SystemExit as exit:\n    status = exit.code\n"
+        f"loaded = [m for m in {_HEAVY!r} if m in sys.modules]\n"
+        "print('LOADED', loaded, 'STATUS', status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert f"LOADED [] STATUS {status}" in done.stdout, done.stdout + done.stderr

@@ -4,7 +4,8 @@
 Flags are named as in diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py, plus the adapter's
 own (--rank, --lora_alpha, --mixer_init, --freeze_mixer, --target_modules, ...); --config FILE (TOML or
 YAML) gives the same keys. The recipe itself lives in the library, in
-moslora_diffusion/training/dreambooth.py, so that `moslora train` runs exactly the same code:
+moslora_diffusion/training/dreambooth.py (entered through training/entry.py, which answers --help and
+bad flags before the heavy imports), so that `moslora train` runs exactly the same code:
 
     python train_scripts/train_dreambooth_moslora.py --config samples/dreambooth_tiny.toml --output_dir out
     accelerate launch train_scripts/train_dreambooth_moslora.py \\
@@ -16,10 +17,10 @@ import sys
 from pathlib import Path
 
 try:
-    from moslora_diffusion.training.dreambooth import main
+    from moslora_diffusion.training.entry import main
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from moslora_diffusion.training.dreambooth import main
+    from moslora_diffusion.training.entry import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="train_dreambooth_moslora.py"))

@@ -18,12 +18,11 @@ import secrets
 import sys
 from pathlib import Path
 
-from ..config import MIXER_INITS
+from ..choices import MIXER_INITS, WEIGHTING_SCHEMES
 from ..targets import PRESET_NAMES, parse_target_modules
-from .base_model import resolve_base_model
-from .checkpoints import read_training_state, resolve_resume_checkpoint
-from .data import ImageFolderError, image_files
-from .objectives import WEIGHTING_SCHEMES
+
+# Only light modules are imported here: --help and flag errors answer before torch loads. check_args
+# imports what reads the base model, the images and checkpoints.
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +245,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--num_validation_images, --dataloader_num_workers and --lr_warmup_steps cannot be negative")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+
+    from .base_model import resolve_base_model
+    from .checkpoints import read_training_state, resolve_resume_checkpoint
+    from .data import ImageFolderError, image_files
 
     try:
         args.target_modules = parse_target_modules(str(args.target_modules))

@@ -26,7 +26,7 @@ from diffusers.training_utils import cast_training_params
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .args import UsageError, parse_args
+from .args import UsageError
 from .checkpoints import (
     check_rng_state_readable,
     latest_checkpoint,
@@ -36,6 +36,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
+from .entry import main  # noqa: F401  (re-exported: the recipe's entry point)
 from .guards import EXIT_INTERRUPTED, InterruptRequests, OutputDirLock, TrainingStopped, divergence_message
 from .loop import (
     ADAPTER_NAME,
@@ -56,27 +57,6 @@ from .prior import generate_class_images
 from .validation import generate_validation_images, log_validation, save_png
 
 logger = logging.getLogger("moslora_diffusion.train")
-
-
-def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py") -> int:
-    try:
-        args = parse_args(argv, prog=prog)
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        train(args)
-    except UsageError as err:  # found only once the base is loaded (e.g. target modules it lacks)
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C
-        stopped = (str(err), err.exit_code)
-    else:
-        return 0
-    # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line.
-    message, exit_code = stopped
-    print(f"{prog}: {'interrupted' if exit_code == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr, flush=True)
-    return exit_code
 
 
 def train(args) -> Path:

@@ -1,0 +1,9 @@
+"""Names the command line offers as choices, in a module that imports nothing heavy.
+
+``moslora --help``, ``moslora train --help`` and bad flags are answered before torch, diffusers or PEFT
+load; the modules that act on these names import them from here.
+"""
+
+MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
+
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")

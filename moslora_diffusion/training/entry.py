@@ -1,0 +1,35 @@
+"""The trainer's entry point: flags are parsed and checked with light imports, then the recipe loads.
+
+``moslora train --help`` and bad flags answer in about a second, before torch, diffusers and accelerate
+(several seconds) are imported; the recipe (:mod:`.dreambooth`) is imported only for a run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .args import UsageError, parse_args
+from .guards import EXIT_INTERRUPTED, TrainingStopped
+
+
+def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py") -> int:
+    try:
+        args = parse_args(argv, prog=prog)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        from .dreambooth import train  # torch, diffusers, accelerate: loaded once the flags are good
+
+        train(args)
+    except UsageError as err:  # found only once the base is loaded (e.g. target modules it lacks)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C
+        stopped = (str(err), err.exit_code)
+    else:
+        return 0
+    # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line.
+    message, exit_code = stopped
+    print(f"{prog}: {'interrupted' if exit_code == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr, flush=True)
+    return exit_code
