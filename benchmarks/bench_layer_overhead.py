@@ -7,7 +7,11 @@ overhead, which this benchmark isolates on the CPU: a stack of small linears (in
 time per step is the operators' fixed cost. One thread; interleaved rounds; microseconds per layer.
 
     python benchmarks/bench_layer_overhead.py
-    python benchmarks/bench_layer_overhead.py --tokens 256 --width 128   # the folded order
+    python benchmarks/bench_layer_overhead.py --tokens 256 --width 128   # the folded orders
+
+On a machine whose speed drifts (shared cores), short timed calls and many rounds (``--steps 5 --rounds 60``)
+interleave finely; the ratio columns are medians of per-round ratios, of wall and of CPU time, and the
+ratio of the fastest calls (noise only ever adds time).
 
 Methods are those of bench_train_step.py that live on PEFT layers (peft_lora, moslora, moslora_fold,
 moslora_naive); each step is forward + backward (training) or a no_grad forward (inference).
@@ -73,16 +77,18 @@ def main(argv=None) -> None:
 
     print(f"torch {torch.__version__}, 1 thread; {args.layers} linears {args.width} -> {args.width}, {args.tokens} "
           f"tokens, r={args.rank}; {args.rounds} interleaved rounds of {args.steps} steps\n")
-    print(markdown_header(["step", "method", "us per layer (median)", "min", "max", "x PEFT LoRA", "extra us per layer"]))
+    print(markdown_header(["step", "method", "us per layer (median)", "min", "max", "x PEFT LoRA", "extra us per layer",
+                           "CPU time x PEFT LoRA", "min x PEFT LoRA's min"]))
     for label, run in (("forward + backward", training_steps), ("no_grad forward", inference_steps)):
         methods = [Method(m, run, lambda m=m: set_adapter(m)) for m in METHODS]
-        wall, _ = time_interleaved(methods, args.rounds, warmup=2)
+        wall, cpu = time_interleaved(methods, args.rounds, warmup=2)
         per_layer = {m: [t / args.steps / args.layers * 1e6 for t in ts] for m, ts in wall.items()}
-        stats = summarize(per_layer, "peft_lora")
+        stats, cpu_stats = summarize(per_layer, "peft_lora"), summarize(cpu, "peft_lora")
         for m in METHODS:
             s = stats[m]
             print(markdown_row([label, m, f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", f"{s['ratio']:.3f}",
-                                f"{s['median'] - stats['peft_lora']['median']:+.1f}"]), flush=True)
+                                f"{s['median'] - stats['peft_lora']['median']:+.1f}", f"{cpu_stats[m]['ratio']:.3f}",
+                                f"{s['min'] / stats['peft_lora']['min']:.3f}"]), flush=True)
 
 
 if __name__ == "__main__":

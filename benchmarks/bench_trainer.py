@@ -446,9 +446,14 @@ def markdown(report: dict) -> str:
         f"| steps/s, --cache_latents | {cell('ours:cached', 'steps_per_s')} | (no such option) | |",
         f"| CPU ms per step, --cache_latents | {cell('ours:cached', 'cpu_ms_per_step', '.0f')} | | |",
         f"| cached / uncached steps/s (medians) | {med('ours:cached', 'steps_per_s') / med('ours:uncached', 'steps_per_s'):.2f} | | |",
+        f"| steps/s x peer's path (medians): uncached / --cache_latents (target >= 1 / >= 1.3) | "
+        f"{med('ours:uncached', 'steps_per_s') / med('peer:uncached', 'steps_per_s'):.2f} / "
+        f"{med('ours:cached', 'steps_per_s') / med('peer:uncached', 'steps_per_s'):.2f} | 1 | |",
+        f"| start-up x peer's path (median; target <= 1) | {med('ours:uncached', 'startup_s') / med('peer:uncached', 'startup_s'):.2f} | 1 | |",
         f"| {NUM_CLASS_IMAGES} class images, {CLASS_SAMPLING_STEPS} steps, batch {SAMPLE_BATCH_SIZE} (s) | {cell('ours:class_images', 'class_images_s')} "
         f"| {cell('peer:class_images', 'class_images_s')} | {PEER_FIGURES['class_images_s']} |",
         f"| CPU s for the class images | {cell('ours:class_images', 'class_images_cpu_s')} | {cell('peer:class_images', 'class_images_cpu_s')} | |",
+        f"| class images x peer's path (median; target <= 1) | {med('ours:class_images', 'class_images_s') / med('peer:class_images', 'class_images_s'):.2f} | 1 | |",
     ]
     for config in ("uncached", "cached", "class_images"):
         ours, peer = cell(f"ours:{config}", "peak_rss_mib", ".0f"), cell(f"peer:{config}", "peak_rss_mib", ".0f")
