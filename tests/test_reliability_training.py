@@ -356,3 +356,20 @@ def test_a_tampered_checkpoint_pickle_is_never_executed_and_stops_the_resume(tmp
         "(refused unexecuted: weights_only loading); this checkpoint cannot continue the run exactly"
     )
     assert not marker.exists()
+
+
+def test_sigterm_from_a_scheduler_saves_the_current_step_and_exits_143(tmp_path):
+    """Slurm / Kubernetes stop a job with SIGTERM before SIGKILL: the run saves as for Ctrl-C."""
+    out, log, ready, release = tmp_path / "out", tmp_path / "log", tmp_path / "ready", tmp_path / "release"
+    proc = start_trainer(out, log, "--stall_checkpoint", "8", "--ready", str(ready), "--release", str(release))
+    wait_for(ready.exists, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    release.touch()
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "SIGTERM received: finishing this step and saving a checkpoint" in text, text[-3000:]
+    lines = text.strip().splitlines()
+    assert lines[-1] == f"{PROG}: interrupted: at step 9; saved {out / 'checkpoint-9'}: continue with --resume_from_checkpoint latest"
+    assert_complete(out / "checkpoint-9", 9)
+    assert not any((out / name).exists() for name in ADAPTER_FILES)
+    assert not (out / LOCK_NAME).exists(), "a terminated run must release its lock"

@@ -37,7 +37,7 @@ from .checkpoints import (
 )
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
 from .entry import main  # noqa: F401  (re-exported: the recipe's entry point)
-from .guards import EXIT_INTERRUPTED, InterruptRequests, OutputDirLock, TrainingStopped, divergence_message
+from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message
 from .loop import (
     ADAPTER_NAME,
     PromptConditioning,
@@ -186,7 +186,7 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
         return images
 
     if interrupts.requested:
-        raise TrainingStopped("interrupted before the first step; nothing to save", EXIT_INTERRUPTED)
+        raise TrainingStopped("interrupted before the first step; nothing to save", interrupts.exit_code)
     if accelerator.is_main_process and args.validation_at_start and global_step == 0:
         validate(0)  # B = 0 at the start, so these are the base model's own images
     for model in prepared_models.values():
@@ -233,7 +233,7 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
                 saved = _save_checkpoint(accelerator, args, trained, output_dir, global_step)
             if interrupted:
                 saved = saved or _save_checkpoint(accelerator, args, trained, output_dir, global_step)
-                raise TrainingStopped(f"at step {global_step}; saved {saved}: continue with --resume_from_checkpoint latest", EXIT_INTERRUPTED)
+                raise TrainingStopped(f"at step {global_step}; saved {saved}: continue with --resume_from_checkpoint latest", interrupts.exit_code)
             if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                 validate(global_step)
             if global_step >= args.max_train_steps:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from .args import UsageError, parse_args
-from .guards import EXIT_INTERRUPTED, TrainingStopped
+from .guards import INTERRUPTED_EXIT_CODES, TrainingStopped
 
 
 def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py") -> int:
@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py
     except UsageError as err:  # found only once the base is loaded (e.g. target modules it lacks)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C
+    except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C / SIGTERM
         stopped = (str(err), err.exit_code)
     else:
         return 0
     # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line.
     message, exit_code = stopped
-    print(f"{prog}: {'interrupted' if exit_code == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr, flush=True)
+    print(f"{prog}: {'interrupted' if exit_code in INTERRUPTED_EXIT_CODES else 'error'}: {message}", file=sys.stderr, flush=True)
     return exit_code

@@ -1,5 +1,6 @@
 """What keeps a long run safe on a machine that can fail or be shared: one trainer per output folder,
-Ctrl-C that saves before it exits, and a run that stops at the first loss that is not finite.
+Ctrl-C (or a scheduler's SIGTERM) that saves before it exits, and a run that stops at the first loss
+that is not finite.
 
     lock = OutputDirLock(output_dir)
     lock.acquire()                       # TrainingStopped if a live run holds the folder; a dead run's lock is taken over
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".moslora-train.lock"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: a job scheduler's (Slurm, Kubernetes) polite stop
+INTERRUPTED_EXIT_CODES = (EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 
 class TrainingStopped(Exception):
@@ -158,28 +161,35 @@ def _process_alive(pid, process_start) -> bool:
 
 
 class InterruptRequests:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``: the loop finishes the step it is on,
-    saves a checkpoint and exits with status 130. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets ``requested``: the loop finishes the step
+    it is on, saves a checkpoint and exits with ``exit_code`` (130 for SIGINT, 143 for SIGTERM, as a shell
+    reports them). SIGTERM is how Slurm, Kubernetes and systemd stop a job before they kill it, so a
+    preempted run keeps its last step. A second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.exit_code = EXIT_INTERRUPTED
+        self._previous: dict = {}
 
     def __enter__(self) -> InterruptRequests:
         if _in_main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.exit_code = 128 + signum
+        what = "Interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+        print(f"{what}: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
 
 def _in_main_thread() -> bool:
