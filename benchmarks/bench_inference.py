@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 from benchmarks.bench_train_step import MODELS, Setup, add_peft_method, build_model, model_inputs, synchronize
 from benchmarks.common import Method, markdown_header, markdown_row, peft_layers_removed, summarize, time_interleaved
 
-METHODS = ("base", "peft_lora", "moslora", "moslora_fused", "moslora_merged")
+METHODS = ("base", "peft_lora", "moslora", "moslora_v1", "moslora_fused", "moslora_merged")
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
@@ -47,7 +47,7 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
 
 def inference_methods(setup: Setup, rank: int) -> tuple[torch.nn.Module, list[Method]]:
     model = build_model(setup)
-    for method in ("peft_lora", "moslora"):
+    for method in ("peft_lora", "moslora", "moslora_v1"):  # moslora_v1: the forward before 2026-11-30, for before/after
         add_peft_method(model, method, rank, setup.spec.targets)
     randomize_adapters(model)
     model.eval()
@@ -84,6 +84,7 @@ def inference_methods(setup: Setup, rank: int) -> tuple[torch.nn.Module, list[Me
         Method("base", forward, remove_layers, restore_layers),
         Method("peft_lora", forward, lambda: model.set_adapter("peft_lora")),
         Method("moslora", forward, lambda: model.set_adapter("moslora")),
+        Method("moslora_v1", forward, lambda: model.set_adapter("moslora_v1")),
         Method("moslora_fused", forward, fuse, model.unfuse_lora),
         Method("moslora_merged", forward, merge, unmerge),
     ]
