@@ -1,0 +1,74 @@
+"""The benchmarks compare like with like: every formulation they time computes the library's MoSLoRA, and
+their reports carry the ratios the README quotes. (Timings themselves are never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_layer_overhead, bench_trainer  # noqa: E402
+from benchmarks.bench_train_step import VARIANTS, add_peft_method  # noqa: E402
+
+from moslora_diffusion import moslora_layers  # noqa: E402
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(24, 8)  # out < in
+        self.to_k = torch.nn.Linear(8, 24)  # out > in
+
+
+@pytest.mark.parametrize("tokens", [4, 40])  # per-token mixing and the folded orders
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_timed_formulation_computes_the_library_forward(variant, tokens):
+    torch.manual_seed(0)
+    model = _Block()
+    for method in ("moslora", variant):
+        add_peft_method(model, method, 4, ["to_q", "to_k"])
+    for _, layer in moslora_layers(model):
+        with torch.no_grad():  # the same random factors under both names, B non-zero
+            for name in ("lora_A", "lora_mixer", "lora_B"):
+                weight = torch.randn_like(getattr(layer, name)["moslora"].weight) * 0.3
+                getattr(layer, name)["moslora"].weight.copy_(weight)
+                getattr(layer, name)[variant].weight.copy_(weight)
+    for name in ("to_q", "to_k"):
+        layer = getattr(model, name)
+        x = torch.randn(2, tokens // 2, layer.in_features, requires_grad=True)
+        outputs, grads = {}, {}
+        for method in ("moslora", variant):
+            layer.set_adapter(method)
+            out = layer(x)
+            params = [getattr(layer, n)[method].weight for n in ("lora_A", "lora_mixer", "lora_B")]
+            outputs[method] = out
+            grads[method] = torch.autograd.grad(out.square().sum(), [*params, x])
+        torch.testing.assert_close(outputs[variant], outputs["moslora"], rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads[variant], grads["moslora"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float rounding of different orders
+
+
+def test_layer_overhead_benchmark_reports_every_method(capsys):
+    bench_layer_overhead.main(["--layers", "2", "--steps", "1", "--rounds", "2", "--width", "16"])
+    out = capsys.readouterr().out
+    for step in ("forward + backward", "no_grad forward"):
+        for method in bench_layer_overhead.METHODS:
+            row = next(line for line in out.splitlines() if line.startswith(f"| {step} | {method} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert len(cells) == 9 and all(float(c) > 0 for c in (cells[2], cells[5], cells[7], cells[8])), row
+
+
+def test_trainer_report_gives_the_ratios_against_the_peer():
+    report = json.loads((REPO / "benchmarks" / "results" / "trainer_sd1_tiny_cpu.json").read_text())
+    text = bench_trainer.markdown(report)
+    runs = report["runs"]
+    per_round = sorted(a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs["ours:uncached"], runs["peer:uncached"]))
+    line = next(line for line in text.splitlines() if line.startswith("| steps/s x peer's path"))
+    assert f"| {per_round[len(per_round) // 2]:.2f} / " in line, line
+    assert any(line.startswith("| class images x peer's path") for line in text.splitlines())
