@@ -81,12 +81,7 @@ def fuzz_settings(target: str):
 # Seed files: a real adapter in each layout
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Seeds(dict):

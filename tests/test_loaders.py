@@ -43,13 +43,7 @@ ADAPTERS = {
 FAMILIES = tuple(ADAPTERS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and far faster when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_adapter(model: nn.Module, adapter_name: str, seed: int) -> None:

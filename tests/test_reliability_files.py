@@ -31,12 +31,7 @@ Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

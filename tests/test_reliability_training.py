@@ -35,13 +35,7 @@ PROG = "train_dreambooth_moslora.py"
 ADAPTER_FILES = ("moslora_weights.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The killed runs are subprocesses with OMP_NUM_THREADS=1: the same kernels, so the same bits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(out: Path, *extra: str) -> list[str]:

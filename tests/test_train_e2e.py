@@ -25,12 +25,7 @@ RUNS = {
 ADAPTER_FILES = ("moslora_weights.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, especially on shared cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from train_support import native_adapter, train
 from moslora_diffusion.training.checkpoints import STATE_FILE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Randomness everywhere it can hide: adapter dropout, random flips and crops, accumulation over an epoch
