@@ -281,3 +281,17 @@ def test_every_run_config_field_is_a_flag_and_a_config_key(tmp_path):
     assert config.overwrite_output_dir is True and config.adam_epsilon == 1e-6
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.rank = 3
+
+
+def test_the_torchvision_fallback_notices_of_transformers_are_silenced():
+    """transformers 5 logs "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..."
+    when diffusers' pipelines import, on every `moslora train` and `moslora merge`: not the user's concern."""
+    code = "{}import transformers\ntransformers.CLIPImageProcessor, transformers.SiglipImageProcessor\n"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    quiet = subprocess.run([sys.executable, "-c", code.format("import moslora_diffusion._warnings\n")],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "requires torchvision" not in quiet.stderr, quiet.stderr
+    if importlib.util.find_spec("torchvision") is None:  # the notice exists here: check that the test sees it
+        loud = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert "requires torchvision" in loud.stderr, loud.stderr
