@@ -156,7 +156,7 @@ def matched_rank(base: str, rank: int, target_modules: str) -> tuple[int, int, i
 def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir: Path) -> None:
     from accelerate.state import AcceleratorState, GradientState
 
-    from moslora_diffusion.training.dreambooth import main
+    from moslora_diffusion.training.entry import main
 
     argv = [
         "--pretrained_model_name_or_path", args.base,
@@ -167,6 +167,7 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         "--class_data_dir", str(class_dir),
         "--num_class_images", str(args.num_class_images),
         "--output_dir", str(run_dir),
+        "--overwrite_output_dir",  # a rerun of the benchmark replaces its earlier runs
         "--rank", str(rank),
         "--target_modules", args.target_modules,
         "--learning_rate", str(args.learning_rate),

@@ -68,6 +68,8 @@ class Family:
     vae_in_fp32: ClassVar[bool] = False  # SDXL's VAE overflows in fp16
     default_weighting_scheme: ClassVar[str | None] = None  # flow matching: diffusers' script default
     default_max_sequence_length: ClassVar[int | None] = None  # T5 prompt length; None: no T5
+    # batch entries the denoiser reads besides latents and prompts (SDXL's size and crop conditioning)
+    micro_conditioning_keys: ClassVar[tuple[str, ...]] = ()
     # model card: the base's licence and the hub tags of its family
     license: ClassVar[str]
     hub_tags: ClassVar[tuple[str, ...]]
@@ -168,6 +170,11 @@ class Family:
         return (sample - shift) * vae_config.scaling_factor
 
     @classmethod
+    def micro_conditioning(cls, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch's :attr:`micro_conditioning_keys` on ``device``, as :meth:`predict` reads them."""
+        return {key: batch[key].to(device) for key in cls.micro_conditioning_keys}
+
+    @classmethod
     def encode_prompt(cls, components: dict[str, Any], prompts: list[str], max_sequence_length: int | None) -> dict[str, torch.Tensor]:
         """Conditioning tensors for ``prompts`` (batch first), named as :meth:`predict` reads them.
 
@@ -232,6 +239,7 @@ class SDXL(Family):
     default_resolution = 1024
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
     vae_in_fp32 = True
+    micro_conditioning_keys = ("original_sizes", "crop_top_lefts", "target_sizes")  # (h, w) each, per sample
     license = "openrail++"
     hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
@@ -245,7 +253,7 @@ class SDXL(Family):
     def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
         prompt_embeds = conditioning["prompt_embeds"]
         # Micro-conditioning: (original h, w, crop top, left, target h, w), one row per sample.
-        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]], dim=1)
+        time_ids = torch.cat([batch[key] for key in cls.micro_conditioning_keys], dim=1)
         added = {"time_ids": time_ids.to(prompt_embeds), "text_embeds": conditioning["pooled_prompt_embeds"]}
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
 

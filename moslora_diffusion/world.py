@@ -164,7 +164,7 @@ def build_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 
 def make_tokenizer(model_max_length: int = MAX_TOKENS):
     """Word-level CLIP tokenizer of the world: its words are single tokens, anything else is characters."""
-    from .testing import make_clip_tokenizer
+    from .tiny import make_clip_tokenizer
 
     return make_clip_tokenizer(model_max_length, merges=build_merges(WORDS))
 

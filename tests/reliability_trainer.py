@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moslora_diffusion.training import checkpoints  # noqa: E402
-from moslora_diffusion.training.dreambooth import main  # noqa: E402
+from moslora_diffusion.training.entry import main  # noqa: E402
 
 
 def stall_while_writing(step: int, ready: Path, release: Path) -> None:

@@ -25,14 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from train_support import REPO, native_adapter, run_main, tiny_run_argv
 
+from moslora_diffusion.formats import WEIGHT_NAMES
 from moslora_diffusion.testing import save_tiny_pipeline
 from moslora_diffusion.training import checkpoints, dreambooth
 from moslora_diffusion.training.checkpoints import STATE_FILE, read_training_state, resolve_resume_checkpoint
 from moslora_diffusion.training.guards import LOCK_NAME, OutputDirLock, TrainingStopped, _process_start_time
+from moslora_diffusion.training.train_log import read_train_log
 
 STEPS = 24
 PROG = "train_dreambooth_moslora.py"
-ADAPTER_FILES = ("moslora_weights.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
+ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,7 +258,7 @@ def test_a_full_disk_during_a_checkpoint(fault, tmp_path, monkeypatch, capsys):
     assert line.startswith(f"{PROG}: error: could not write checkpoint-4 in '{out}' (")
     assert f"the earlier checkpoints are intact (latest: {out / 'checkpoint-2'})" in line and "--resume_from_checkpoint latest" in line
     assert "No space left on device" in line or "file write failed" in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"], "a half-written checkpoint, an adapter or the lock was left"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs"], "a half-written checkpoint, an adapter or the lock was left"
     assert_complete(out / "checkpoint-2", 2)
 
 
@@ -280,7 +282,7 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_files(tmp_path, mo
     assert line.startswith(f"{PROG}: error: could not write the adapter files to '{out}' (")
     assert "No space left on device" in line and f"(latest: {out / 'checkpoint-4'})" in line
     assert {name: (out / name).read_bytes() for name in before} == before, "the previous adapter files changed"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint-2", "checkpoint-4"]), "temporary files were left"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint-2", "checkpoint-4", "logs"]), "temporary files were left"
     assert_complete(out / "checkpoint-4", 4)
 
 
@@ -304,7 +306,8 @@ def test_a_nan_or_inf_loss_stops_at_that_step_and_writes_no_adapter(bad, tmp_pat
     assert line.startswith(f"{PROG}: error: the loss became NaN or infinite at step 3; training stopped there.")
     assert "a learning rate too high (--learning_rate 0.01)" in line and "fp16 overflow" in line
     assert f"No adapter was written and the last good checkpoint is {out / 'checkpoint-2'}." in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs"]
+    assert [row["step"] for row in read_train_log(out / "logs" / "train_log.jsonl")] == [1, 2, 3]  # the diverged step logged
     assert all(bool(torch.isfinite(t).all()) for t in load_file(out / "checkpoint-2" / "adapter_unet.safetensors").values())
 
 

@@ -148,3 +148,10 @@ def test_make_test_images(tmp_path):
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_pipeline("sd1")
+
+
+def test_testing_is_the_public_name_of_the_tiny_module_and_knows_every_family():
+    from moslora_diffusion import families, testing, tiny
+
+    assert testing.FAMILIES == tuple(families.FAMILIES)  # one list of families: families.FAMILIES
+    assert testing.make_tiny_pipeline is tiny.make_tiny_pipeline and testing.save_tiny_pipeline is tiny.save_tiny_pipeline

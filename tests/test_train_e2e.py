@@ -13,6 +13,7 @@ from train_support import PROMPT, REPO, run_main, train
 
 from moslora_diffusion.families import get_family
 from moslora_diffusion.fileio import load_safetensors
+from moslora_diffusion.formats import WEIGHT_NAMES
 from moslora_diffusion.testing import make_tiny_pipeline, save_tiny_pipeline
 
 # family -> (base: the in-memory tiny:<family>, or the same pipeline saved as a diffusers folder; extra flags).
@@ -22,7 +23,7 @@ RUNS = {
     "sd3": ("folder", []),  # loads every component from subfolders, T5 included
     "flux": ("folder", ["--learning_rate", "5e-2"]),  # the tiny Flux's images move least per step
 }
-ADAPTER_FILES = ("moslora_weights.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
+ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

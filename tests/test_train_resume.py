@@ -9,9 +9,12 @@ import pytest
 import numpy as np
 import torch
 from PIL import Image
-from train_support import native_adapter, train
+from train_support import PROMPT, native_adapter, run_main, tiny_run_argv, train
 
-from moslora_diffusion.training.checkpoints import STATE_FILE
+from moslora_diffusion.fileio import load_safetensors
+from moslora_diffusion.formats import NATIVE_HEADER_KEY, WEIGHT_NAMES
+from moslora_diffusion.training.checkpoints import ADAPTER_CONFIG_KEY, STATE_FILE
+from moslora_diffusion.training.train_log import TrainLog, read_train_log
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,3 +68,65 @@ def test_prior_preservation_generates_missing_class_images_once(tmp_path):
     assert np.abs(again - lost).max() <= 3, np.abs(again - lost).max()
     assert [p.stat().st_mtime_ns for p in made if p.name != "class_00001.png"] == [s for p, s in zip(made, stamps) if p.name != "class_00001.png"]
     assert not list(class_dir.glob(".*.tmp"))
+
+
+def test_a_short_run_checkpoints_its_last_step_and_a_longer_run_continues_it(tmp_path):
+    """--checkpointing_steps larger than the run: the last step is still saved, so the run can be extended."""
+    out = train("sd15", tmp_path / "out", "--num_validation_images", "0", "--checkpointing_steps", "1000")
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    state = json.loads((out / "checkpoint-2" / STATE_FILE).read_text())
+    assert state == {"step": 2, "seed": 0, "family": "sd15", "base_model": "tiny:sd15"}
+    # The checkpoint's adapter says what it is, as the native file's header does (for moslora inspect / export).
+    _, metadata = load_safetensors(out / "checkpoint-2" / "adapter_unet.safetensors")
+    _, native_metadata = load_safetensors(out / WEIGHT_NAMES["native"])
+    assert json.loads(metadata[ADAPTER_CONFIG_KEY]) == json.loads(native_metadata[NATIVE_HEADER_KEY])["components"]["unet"]
+    first_log = read_train_log(out / "logs" / "train_log.jsonl")
+    assert [row["step"] for row in first_log] == [1, 2]
+
+    # Longer, and --checkpoints_total_limit 1 with a last step (3) that is no multiple of --checkpointing_steps.
+    train("sd15", out, "--num_validation_images", "0", "--max_train_steps", "3", "--checkpointing_steps", "2",
+          "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest")
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    log = read_train_log(out / "logs" / "train_log.jsonl")
+    assert log[:2] == first_log and [row["step"] for row in log] == [1, 2, 3]
+
+
+def test_the_train_log_has_a_line_per_step_without_tensorboard(tmp_path):
+    out = train("sd15", tmp_path / "out", "--num_validation_images", "0", "--max_train_steps", "3",
+                "--lr_scheduler", "linear", "--report_to", "none")
+    log = read_train_log(out / "logs" / "train_log.jsonl")
+    assert [sorted(row) for row in log] == [["loss", "lr", "seconds", "step"]] * 3
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert all(isinstance(row["loss"], float) and 0 < row["loss"] < 10 for row in log)
+    assert [row["lr"] for row in log] == pytest.approx([1e-2 * 2 / 3, 1e-2 / 3, 0.0])  # linear decay over 3 steps
+    seconds = [row["seconds"] for row in log]
+    assert seconds == sorted(seconds) and seconds[0] >= 0
+    assert not list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_a_resumed_train_log_drops_the_lines_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    path = tmp_path / "logs" / "train_log.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0, "lr": 0.1, "seconds": float(s)}) + "\n" for s in range(1, 6))
+                    + '{"step": 6, "lo')  # the line the kill cut short
+    TrainLog(path, start_step=3).write(4, loss=0.5, lr=0.1)
+    rows = read_train_log(path)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 0.5 and rows[-1]["seconds"] >= 3.0
+    TrainLog(path, start_step=0).write(1, loss=0.7, lr=0.1)  # a new run (--overwrite_output_dir) starts afresh
+    assert [row["loss"] for row in read_train_log(path)] == [0.7]
+
+
+def test_a_rerun_into_an_earlier_runs_folder_is_refused_unless_told_to_overwrite(tmp_path, capsys):
+    out = train("sd15", tmp_path / "out", "--num_validation_images", "0")
+    before = {name: (out / name).read_bytes() for name in WEIGHT_NAMES.values()}
+    capsys.readouterr()
+    assert run_main(tiny_run_argv("sd15", out, "--num_validation_images", "0", "--instance_prompt", PROMPT)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"train_dreambooth_moslora.py: error: --output_dir '{out}' already holds an earlier run's moslora_weights.safetensors"
+    ), lines
+    assert "--resume_from_checkpoint latest, or replace it with --overwrite_output_dir" in lines[0]
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    train("sd15", out, "--num_validation_images", "0", "--seed", "1", "--overwrite_output_dir")
+    assert (out / WEIGHT_NAMES["native"]).read_bytes() != before[WEIGHT_NAMES["native"]]

@@ -8,7 +8,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from moslora_diffusion.fileio import load_safetensors
-from moslora_diffusion.training.dreambooth import main
+from moslora_diffusion.training.entry import main
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "samples" / "subject"

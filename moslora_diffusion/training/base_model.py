@@ -7,15 +7,17 @@ input fails before anything is loaded or written; :meth:`BaseModel.load_componen
 from __future__ import annotations
 
 import json
-import re
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..families import Family, family_of_model_dir, family_of_model_index, get_family
+from ..families import FAMILIES, Family, family_of_model_dir, family_of_model_index, get_family
+from .config import is_hub_id
 
 TINY_PREFIX = "tiny:"
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_FLAG = "--pretrained_model_name_or_path"
+_HUB_TIMEOUT_S = 10  # one request, no retries: a mistyped id must not wait through huggingface_hub's backoff
 
 
 @dataclass
@@ -31,7 +33,7 @@ class BaseModel:
     def default_resolution(self, components: dict[str, Any]) -> int:
         """The base's own training resolution (what --resolution defaults to)."""
         if self.is_tiny:
-            from ..testing import default_tiny_resolution
+            from ..tiny import default_tiny_resolution
 
             return default_tiny_resolution(self.family.name)
         return self.family.native_resolution(components)
@@ -41,7 +43,7 @@ class BaseModel:
         if self.is_tiny:
             from diffusers import AutoencoderKL
 
-            from ..testing import make_tiny_pipeline
+            from ..tiny import make_tiny_pipeline
 
             components = dict(make_tiny_pipeline(self.family.name).components)
             if vae_source:
@@ -55,45 +57,80 @@ class BaseModel:
 
 def resolve_base_model(value: str, revision: str | None = None) -> BaseModel:
     """Check ``--pretrained_model_name_or_path`` and find its family; ValueError with a one-line reason."""
-    flag = "--pretrained_model_name_or_path"
     if value.startswith(TINY_PREFIX):
-        from ..testing import FAMILIES
-
         name = value[len(TINY_PREFIX) :]
         if name not in FAMILIES:
-            raise ValueError(f"{flag} '{value}': no tiny pipeline of that family; choose tiny:{', tiny:'.join(FAMILIES)}")
+            choices = ", ".join(f"{TINY_PREFIX}{family}" for family in FAMILIES)
+            raise ValueError(f"{_FLAG} '{value}': no tiny pipeline of that family; choose {choices}")
         return BaseModel(value, get_family(name))
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ValueError(f"{flag} '{value}' is not a diffusers pipeline folder (no model_index.json)")
+            raise ValueError(f"{_FLAG} '{value}' is not a diffusers pipeline folder (no model_index.json)")
         try:
             family = family_of_model_dir(path)
         except ValueError as err:
-            raise ValueError(f"{flag} '{value}': {err}") from None
+            raise ValueError(f"{_FLAG} '{value}': {err}") from None
         return BaseModel(str(path), family, json.loads((path / "model_index.json").read_text()))
     if path.exists():
-        raise ValueError(f"{flag} '{value}' is a file; give a diffusers pipeline folder (single-file checkpoints are not supported)")
-    if not _HUB_ID.fullmatch(value):
-        raise ValueError(f"{flag} '{value}' does not exist (give a diffusers pipeline folder, a hub id or tiny:sd15)")
+        raise ValueError(
+            f"{_FLAG} '{value}' is a file; give a diffusers pipeline folder (single-file checkpoints are not supported)"
+        )
+    if not is_hub_id(value):
+        raise ValueError(f"{_FLAG} '{value}' does not exist (give a diffusers pipeline folder, a hub id or tiny:sd15)")
     return _resolve_hub_model(value, revision)
 
 
 def _resolve_hub_model(repo_id: str, revision: str | None) -> BaseModel:
-    from huggingface_hub import hf_hub_download
-
+    """A hub pipeline's family, from its cached model_index.json, else after one quick check that the
+    repository can be reached (huggingface_hub's downloads retry five times over half a minute)."""
+    if _hub_download(repo_id, "model_index.json", revision, local_files_only=True) is None:
+        _check_hub_repository(repo_id, revision)
     try:
-        index_path = Path(hf_hub_download(repo_id, "model_index.json", revision=revision))
-        index = json.loads(index_path.read_text())
+        index = json.loads(_hub_download(repo_id, "model_index.json", revision).read_text())
         unet_config = None
         if "unet" in index:
-            unet_config = json.loads(Path(hf_hub_download(repo_id, "unet/config.json", revision=revision)).read_text())
+            unet_config = json.loads(_hub_download(repo_id, "unet/config.json", revision).read_text())
         family = family_of_model_index(index, unet_config)
     except ValueError as err:
-        raise ValueError(f"--pretrained_model_name_or_path '{repo_id}': {err}") from None
-    except Exception as err:  # offline, missing repo, gated model: huggingface_hub has many error types
-        reason = " ".join(str(err).split())[:200]
-        raise ValueError(
-            f"--pretrained_model_name_or_path '{repo_id}' is neither a local folder nor a reachable hub pipeline ({reason})"
-        ) from None
+        raise ValueError(f"{_FLAG} '{repo_id}': {err}") from None
+    except Exception as err:  # noqa: BLE001 - huggingface_hub has many error types (gated model, missing file)
+        reason = _one_line(err)
+        raise ValueError(f"{_FLAG} '{repo_id}': a hub pipeline whose model_index.json cannot be read ({reason})") from None
     return BaseModel(repo_id, family, index)
+
+
+def _hub_download(repo_id: str, filename: str, revision: str | None, local_files_only: bool = False) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_files_only))
+    except LocalEntryNotFoundError:
+        if local_files_only:
+            return None
+        raise
+
+
+def _check_hub_repository(repo_id: str, revision: str | None) -> None:
+    """ValueError at once if ``repo_id`` cannot be fetched: offline mode, no network, or no such repository."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    missing = f"{_FLAG} '{repo_id}' is neither a local folder nor a file, and as a Hub id it could not be fetched"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ValueError(f"{missing} (offline: HF_HUB_OFFLINE is set and it is not in the local cache)")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=_HUB_TIMEOUT_S)
+    except RevisionNotFoundError:
+        raise ValueError(f"{missing} (no revision '{revision}' in that repository)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"{missing} (no such repository, or a private one: check the name, or log in with `hf auth login`)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - no network, a timeout, a proxy error
+        raise ValueError(f"{missing} (offline, or no such repository: {_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__

@@ -2,7 +2,10 @@
 
 A checkpoint holds the adapters only (one safetensors file per trained component, not the frozen base
 weights), the optimizer, the LR scheduler, every process's RNG streams and a small ``training_state.json``
-(step, seed). It is written under a temporary name (``.checkpoint-<step>.tmp``) and renamed when complete,
+(step, seed, family, base_model). Each adapter file carries its component's adapter settings as
+safetensors metadata (``moslora.config``: the native header's record of the PEFT config), so that the
+``moslora`` tools can read a checkpoint's adapter without the run's flags. It is written under a
+temporary name (``.checkpoint-<step>.tmp``) and renamed when complete,
 so a crash or a full disk leaves the previous checkpoints as they were, and ``latest`` only ever sees
 complete ones; ``--checkpoints_total_limit`` prunes the oldest after a successful save.
 """
@@ -19,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fileio import atomic_path, load_safetensors, save_safetensors
+from ..fileio import atomic_path, dumps_metadata, load_safetensors, save_safetensors
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
+ADAPTER_CONFIG_KEY = "moslora.config"  # safetensors metadata of checkpoint-N/adapter_<component>.safetensors
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -89,10 +93,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if "lora_" in name}
 
 
-def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Module]) -> None:
+def adapter_config_metadata(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """``{"moslora.config": JSON}``: the adapter's settings (rank, alpha, mixer, targets), as the native
+    file's header records them."""
+    from ..formats import component_config_from_peft
+
+    return {ADAPTER_CONFIG_KEY: dumps_metadata(component_config_from_peft(model.peft_config[adapter_name]))}
+
+
+def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Module], adapter_name: str) -> None:
     """Make ``save_state`` / ``load_state`` store only the adapters of the prepared ``components``.
 
-    ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model.
+    ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model, whose
+    adapter ``adapter_name`` is saved with its settings as metadata.
     """
     names = {id(model): name for name, model in components.items()}
 
@@ -103,7 +116,8 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
         for model in models:
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
-                save_safetensors(adapter_state_dict(unwrapped), Path(output_dir) / f"adapter_{component_name(model)}.safetensors")
+                path = Path(output_dir) / f"adapter_{component_name(model)}.safetensors"
+                save_safetensors(adapter_state_dict(unwrapped), path, adapter_config_metadata(unwrapped, adapter_name))
         # Emptying ``weights`` stops accelerate from also writing the full (frozen) models.
         weights.clear()
 

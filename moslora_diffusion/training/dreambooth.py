@@ -5,16 +5,21 @@ train, save. Family differences live in :mod:`moslora_diffusion.families`; data,
 objectives, checkpoints, validation and the model card live in this package.
 
     python train_scripts/train_dreambooth_moslora.py --config samples/dreambooth_tiny.toml --output_dir out
-    accelerate launch train_scripts/train_dreambooth_moslora.py --pretrained_model_name_or_path ... (flags as diffusers')
+    accelerate launch train_scripts/train_dreambooth_moslora.py --pretrained_model_name_or_path ...  # diffusers' flags
+
+The recipe reads its :class:`~.config.RunConfig` (frozen) and :class:`~.run_inputs.RunInputs` once and hands
+each component the values it needs; what is known only once the base is loaded (the resolution, the number
+of steps, learning rates under --scale_lr) is a local value here, never written back into the config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +31,16 @@ from diffusers.training_utils import cast_training_params
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .args import UsageError
+from ..config import MoSLoRAConfig
+from .adapters import (
+    ADAPTER_NAME,
+    add_adapters,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    place_frozen_components,
+    weight_dtype_for,
+)
+from .batches import PromptConditioning, batch_loss, vae_posterior_parameters
 from .checkpoints import (
     check_rng_state_readable,
     latest_checkpoint,
@@ -35,187 +49,279 @@ from .checkpoints import (
     remove_incomplete_checkpoints,
     save_checkpoint,
 )
+from .config import RunConfig, UsageError
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
-from .entry import main  # noqa: F401  (re-exported: the recipe's entry point)
-from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message
-from .loop import (
-    ADAPTER_NAME,
-    PromptConditioning,
-    add_adapters,
-    batch_loss,
-    enable_gradient_checkpointing,
-    make_optimizer,
-    moslora_config_from_args,
-    no_sync,
-    place_frozen_components,
-    vae_posterior_parameters,
-    weight_dtype_for,
-)
+from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .model_card import ModelCard
 from .objectives import make_objective
 from .prior import generate_class_images
+from .run_inputs import RunInputs, may_replace_earlier_run
+from .train_log import LOG_NAME, TrainLog
 from .validation import generate_validation_images, log_validation, save_png
 
 logger = logging.getLogger("moslora_diffusion.train")
 
 
-def train(args) -> Path:
+def train(config: RunConfig, inputs: RunInputs) -> Path:
     """Train under a lock on --output_dir (one run per folder) with Ctrl-C saving a checkpoint first."""
     started = time.monotonic()
-    output_dir = Path(args.output_dir)
+    output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         cpu=_multi_process_without_accelerator(),
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+        ),
         # SDXL and SD3 read CLIP's penultimate layer: the last layer's adapter gets no gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)],
     )
     _configure_logging(accelerator)
-    lock = _lock_output_dir(accelerator, output_dir)
+    lock = _lock_output_dir(accelerator, output_dir, may_replace_earlier_run(config, inputs.resume_checkpoint))
     try:
         with InterruptRequests() as interrupts:
-            return _train(args, accelerator, output_dir, interrupts, started)
+            return _train(config, inputs, accelerator, output_dir, interrupts, started)
     finally:
         lock.release()
 
 
-def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, started: float) -> Path:
+def _train(
+    config: RunConfig, inputs: RunInputs, accelerator, output_dir: Path, interrupts: InterruptRequests, started: float
+) -> Path:
     # ---------------------------------------------------------------- setup
-    args.seed = broadcast_object_list([args.seed])[0]
-    set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
+    seed = broadcast_object_list([config.seed])[0]  # the main process's, when each process drew its own
+    set_seed(seed)
+    if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    family, weight_dtype = args.base.family, weight_dtype_for(accelerator.mixed_precision)
+    base, family, weight_dtype = inputs.base, inputs.base.family, weight_dtype_for(accelerator.mixed_precision)
 
     try:
-        components = args.base.load_components(revision=args.revision, variant=args.variant, vae_source=args.pretrained_vae_model_name_or_path)
-    except OSError as err:  # e.g. a folder with pickled .bin weights only: from_pretrained(use_safetensors=True) refuses it
+        components = base.load_components(
+            revision=config.revision, variant=config.variant, vae_source=config.pretrained_vae_model_name_or_path
+        )
+    except OSError as err:
+        # e.g. a folder with pickled .bin weights only: from_pretrained(use_safetensors=True) refuses it
         raise UsageError(
-            f"cannot load the base model '{args.pretrained_model_name_or_path}' ({_reason(err)}); weights are read from "
-            ".safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
+            f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)}); weights are "
+            "read from .safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
         ) from None
-    place_frozen_components(components, family, accelerator.device, weight_dtype, custom_vae=bool(args.pretrained_vae_model_name_or_path))
-    pipeline = args.base.build_pipeline(components)  # shares the modules: samples with the adapter once it is added
-    args.resolution = args.resolution or args.base.default_resolution(components)
-    max_sequence_length = family.resolve_max_sequence_length(components, args.max_sequence_length)
-    call_kwargs = {"height": args.resolution, "width": args.resolution, **family.pipeline_call_kwargs(max_sequence_length)}
-    if args.num_inference_steps:
-        call_kwargs["num_inference_steps"] = args.num_inference_steps
-    objective = make_objective(family, components["scheduler"].config, args)
+    place_frozen_components(
+        components, family, accelerator.device, weight_dtype, custom_vae=bool(config.pretrained_vae_model_name_or_path)
+    )
+    pipeline = base.build_pipeline(components)  # shares the modules: samples with the adapter once it is added
+    resolution = config.resolution or base.default_resolution(components)
+    max_sequence_length = family.resolve_max_sequence_length(components, config.max_sequence_length)
+    call_kwargs = {"height": resolution, "width": resolution, **family.pipeline_call_kwargs(max_sequence_length)}
+    if config.num_inference_steps:
+        call_kwargs["num_inference_steps"] = config.num_inference_steps
+    objective = make_objective(
+        family,
+        components["scheduler"].config,
+        snr_gamma=config.snr_gamma,
+        noise_offset=config.noise_offset,
+        weighting_scheme=config.weighting_scheme,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+        precondition_outputs=config.precondition_outputs,
+    )
 
     class_images = []
-    if args.with_prior_preservation:
+    if config.with_prior_preservation:
         made = generate_class_images(
-            accelerator, pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
-            sample_batch_size=args.sample_batch_size, seed=args.seed, call_kwargs=call_kwargs, autocast=accelerator.autocast,
+            accelerator,
+            pipeline,
+            config.class_data_dir,
+            config.class_prompt,
+            config.num_class_images,
+            sample_batch_size=config.sample_batch_size,
+            seed=seed,
+            call_kwargs=call_kwargs,
+            autocast=accelerator.autocast,
         )
-        class_images = image_files(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
-        logger.info("Prior preservation: %d class images in %s (%d generated)", len(class_images), args.class_data_dir, made)
+        class_images = image_files(config.class_data_dir, "--class_data_dir")[: config.num_class_images]
+        logger.info(
+            "Prior preservation: %d class images in %s (%d generated)", len(class_images), config.class_data_dir, made
+        )
 
     try:
-        trained = add_adapters(components, family, args)
+        trained = add_adapters(
+            components,
+            family,
+            adapter_config(config, config.target_modules),
+            adapter_config(config, config.text_encoder_target_modules) if config.train_text_encoder else None,
+        )
     except ValueError as err:
         raise UsageError(str(err)) from None
     if weight_dtype != torch.float32:
         cast_training_params(list(trained.values()), dtype=torch.float32)  # adapters train in fp32
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         enable_gradient_checkpointing(trained, family)
 
     dataset = DreamBoothDataset(
-        args.instance_images, class_images, resolution=args.resolution,
-        center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed,
+        inputs.instance_images,
+        class_images,
+        resolution=resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        seed=seed,
     )
-    if args.cache_latents:
-        dataset.cache_latents(functools.partial(vae_posterior_parameters, components["vae"]), progress=_progress(accelerator))
-    sampler = EpochBatchSampler(len(dataset), args.train_batch_size, seed=args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if config.cache_latents:
+        dataset.cache_latents(
+            functools.partial(vae_posterior_parameters, components["vae"]), progress=_progress(accelerator)
+        )
+    sampler = EpochBatchSampler(
+        len(dataset),
+        config.train_batch_size,
+        seed=seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
     dataloader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
-        collate_fn=functools.partial(collate_dreambooth, resolution=args.resolution),
-        generator=torch.Generator().manual_seed(args.seed),  # worker seeds from here, not from the global RNG
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.dataloader_num_workers,
+        collate_fn=functools.partial(collate_dreambooth, resolution=resolution),
+        generator=torch.Generator().manual_seed(seed),  # worker seeds from here, not from the global RNG
     )
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(sampler) / accumulation)
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    if args.scale_lr:
-        factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        args.learning_rate, args.text_encoder_lr = args.learning_rate * factor, args.text_encoder_lr * factor
-    optimizer = make_optimizer(args, trained, family)
+    lr_factor = accumulation * config.train_batch_size * accelerator.num_processes if config.scale_lr else 1
+    learning_rate, text_encoder_lr = config.learning_rate * lr_factor, config.text_encoder_lr * lr_factor
+    optimizer = make_optimizer(
+        trained,
+        family,
+        learning_rate=learning_rate,
+        text_encoder_lr=text_encoder_lr,
+        weight_decay=config.adam_weight_decay,
+        text_encoder_weight_decay=config.adam_weight_decay_text_encoder,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        use_8bit_adam=config.use_8bit_adam,
+    )
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles, power=args.lr_power,
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
     )
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared_models, optimizer, lr_scheduler = dict(zip(trained, prepared[:-2])), prepared[-2], prepared[-1]
-    register_adapter_checkpoint_hooks(accelerator, trained)
+    register_adapter_checkpoint_hooks(accelerator, trained, ADAPTER_NAME)
     denoiser = prepared_models[family.denoiser]
 
-    text_components = {name: prepared_models.get(name, c) for name, c in components.items() if name.startswith(("text_encoder", "tokenizer"))}
+    text_components = {
+        name: prepared_models.get(name, c)
+        for name, c in components.items()
+        if name.startswith(("text_encoder", "tokenizer"))
+    }
     text_components[family.denoiser] = components[family.denoiser]  # SD3 without T5 reads its width
     conditioning = PromptConditioning(
-        family, args.instance_prompt, args.class_prompt if class_images else None, max_sequence_length, text_components
+        family,
+        config.instance_prompt,
+        config.class_prompt if class_images else None,
+        max_sequence_length,
+        text_components,
     )
-    if not args.train_text_encoder:
+    if not config.train_text_encoder:
         conditioning.cache()
 
     global_step = 0
-    if args.resume_checkpoint is not None:
+    if inputs.resume_checkpoint is not None:
         try:
-            check_rng_state_readable(args.resume_checkpoint, accelerator.process_index)
+            check_rng_state_readable(inputs.resume_checkpoint, accelerator.process_index)
         except ValueError as err:
             raise TrainingStopped(str(err)) from None
-        accelerator.load_state(str(args.resume_checkpoint))
-        global_step = read_training_state(args.resume_checkpoint)["step"]
-        logger.info("Resumed from %s at step %d", args.resume_checkpoint, global_step)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
-    _log_run(accelerator, args, family, objective, trained, len(dataset), steps_per_epoch)
+        accelerator.load_state(str(inputs.resume_checkpoint))
+        global_step = read_training_state(inputs.resume_checkpoint)["step"]
+        logger.info("Resumed from %s at step %d", inputs.resume_checkpoint, global_step)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(config, resolution, total_steps))
+    _log_run(accelerator, config, inputs, objective, trained, len(dataset), steps_per_epoch, total_steps)
+
+    def divergence(what: str, step: int) -> TrainingStopped:
+        return TrainingStopped(
+            divergence_message(
+                step,
+                what,
+                learning_rate=learning_rate,
+                text_encoder_lr=text_encoder_lr if config.train_text_encoder else None,
+                mixed_precision=config.mixed_precision,
+                last_checkpoint=latest_checkpoint(output_dir),
+            )
+        )
+
+    def save(step: int) -> Path:
+        _check_adapter_finite(trained, step, divergence)
+        state = {"step": step, "seed": seed, "family": family.name, "base_model": config.pretrained_model_name_or_path}
+        return _save_checkpoint(accelerator, state, config.checkpoints_total_limit, output_dir, step)
 
     # ---------------------------------------------------------------- train
     def validate(step: int, final: bool = False) -> list:
         images = generate_validation_images(
-            pipeline, args.validation_prompt, args.num_validation_images, args.seed, call_kwargs, list(trained.values()),
+            pipeline,
+            config.validation_prompt,
+            config.num_validation_images,
+            seed,
+            call_kwargs,
+            list(trained.values()),
             autocast=accelerator.autocast,
         )
         if images:
-            log_validation(accelerator, images, output_dir / "validation" / ("final.png" if final else f"step_{step:06d}.png"), step)
+            log_validation(
+                accelerator,
+                images,
+                output_dir / "validation" / ("final.png" if final else f"step_{step:06d}.png"),
+                step,
+            )
         return images
 
     if interrupts.requested:
         raise TrainingStopped("interrupted before the first step; nothing to save", interrupts.exit_code)
-    if accelerator.is_main_process and args.validation_at_start and global_step == 0:
+    if accelerator.is_main_process and config.validation_at_start and global_step == 0:
         validate(0)  # B = 0 at the start, so these are the base model's own images
     for model in prepared_models.values():
         model.train()
     # Listed once: walking every module for its parameters at each step costs 1 ms even on a tiny UNet.
     trainable_params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    train_log = (
+        TrainLog(output_dir / config.logging_dir / LOG_NAME, global_step) if accelerator.is_main_process else None
+    )
     step_losses = []
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     first_epoch, resume_batches = divmod(global_step, steps_per_epoch)
-    resume_batches *= args.gradient_accumulation_steps
+    resume_batches *= accumulation
     for epoch in range(first_epoch, num_epochs):
         skip = resume_batches if epoch == first_epoch else 0
         sampler.set_epoch(epoch, skip_batches=skip)
         dataset.set_epoch(epoch)
         for batch_index, batch in enumerate(dataloader, start=skip):
             # One optimizer step per --gradient_accumulation_steps batches (fewer at the end of an epoch).
-            group_start = batch_index - batch_index % args.gradient_accumulation_steps
-            group_size = min(args.gradient_accumulation_steps, len(sampler) - group_start)
+            group_start = batch_index - batch_index % accumulation
+            group_size = min(accumulation, len(sampler) - group_start)
             syncs = batch_index - group_start == group_size - 1
-            with no_sync(accelerator, [] if syncs else list(prepared_models.values())):
+            with _no_sync(accelerator, [] if syncs else list(prepared_models.values())):
                 loss = batch_loss(
-                    batch, denoiser=denoiser, vae=components["vae"], family=family, objective=objective,
-                    conditioning=conditioning, args=args, weight_dtype=weight_dtype,
+                    batch,
+                    denoiser=denoiser,
+                    vae=components["vae"],
+                    family=family,
+                    objective=objective,
+                    conditioning=conditioning,
+                    weight_dtype=weight_dtype,
+                    prior_loss_weight=config.prior_loss_weight,
+                    guidance_scale=config.guidance_scale,
                 )
                 accelerator.backward(loss / group_size)
             step_losses.append(loss.detach())
             if not syncs:
                 continue
-            accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable_params, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -226,41 +332,63 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            if train_log is not None:
+                train_log.write(global_step, **logs)
             if diverged:
-                raise TrainingStopped(divergence_message(global_step, "the loss became NaN or infinite", args, latest_checkpoint(output_dir)))
+                raise divergence("the loss became NaN or infinite", global_step)
             saved = None
-            if global_step % args.checkpointing_steps == 0:  # also at the last step: a later run can extend it
-                saved = _save_checkpoint(accelerator, args, trained, output_dir, global_step)
+            # Also at the last step, whatever --checkpointing_steps: a later run can resume and extend it.
+            if global_step % config.checkpointing_steps == 0 or global_step >= total_steps:
+                saved = save(global_step)
             if interrupted:
-                saved = saved or _save_checkpoint(accelerator, args, trained, output_dir, global_step)
-                raise TrainingStopped(f"at step {global_step}; saved {saved}: continue with --resume_from_checkpoint latest", interrupts.exit_code)
-            if accelerator.is_main_process and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                saved = saved or save(global_step)
+                raise TrainingStopped(
+                    f"at step {global_step}; saved {saved}: continue with --resume_from_checkpoint latest",
+                    interrupts.exit_code,
+                )
+            if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step < total_steps:
                 validate(global_step)
-            if global_step >= args.max_train_steps:
+            if global_step >= total_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= total_steps:
             break
     progress.close()
 
     # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
-    _check_adapter_finite(trained, global_step, args, output_dir)
+    _check_adapter_finite(trained, global_step, divergence)
     if accelerator.is_main_process:
         from ..loaders import save_moslora_weights
 
         try:
-            written = save_moslora_weights(pipeline, output_dir, adapter_name=ADAPTER_NAME, base_model=args.pretrained_model_name_or_path)
+            written = save_moslora_weights(
+                pipeline, output_dir, adapter_name=ADAPTER_NAME, base_model=config.pretrained_model_name_or_path
+            )
         except OSError as err:
             raise TrainingStopped(
-                f"could not write the adapter files to '{output_dir}' ({_reason(err)}); no file was left half-written and "
-                f"the checkpoints are intact (latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun "
-                "with --resume_from_checkpoint latest"
+                f"could not write the adapter files to '{output_dir}' ({_reason(err)}); no file was left "
+                f"half-written and the checkpoints are intact (latest: {latest_checkpoint(output_dir) or 'none'}): "
+                "make room, then rerun with --resume_from_checkpoint latest"
             ) from None
         images = validate(global_step, final=True)
         image_names = [save_png(image, output_dir / f"image_{i}.png").name for i, image in enumerate(images)]
-        card = _model_card(args, family, trained, objective, global_step, image_names, written)
+        card = _model_card(
+            config,
+            inputs,
+            trained,
+            objective,
+            global_step,
+            image_names,
+            written,
+            resolution=resolution,
+            learning_rate=learning_rate,
+            text_encoder_lr=text_encoder_lr,
+            seed=seed,
+        )
         card.save(output_dir / "README.md")
-        files = ", ".join([*card.files.values(), "README.md"] + ([f"{len(image_names)} validation images"] if image_names else []))
+        files = ", ".join(
+            [*card.files.values(), "README.md"] + ([f"{len(image_names)} validation images"] if image_names else [])
+        )
         print(
             f"Trained {family.name} MoSLoRA adapter for {global_step} steps in {time.monotonic() - started:.0f}s "
             f"on {accelerator.num_processes} process(es): wrote {files} to {output_dir}",
@@ -273,21 +401,46 @@ def _train(args, accelerator, output_dir: Path, interrupts: InterruptRequests, s
 # -------------------------------------------------------------------- helpers of the recipe
 
 
-def _lock_output_dir(accelerator, output_dir: Path) -> OutputDirLock:
-    """Lock --output_dir for this run (the main process does; every process learns the outcome)."""
+def adapter_config(config: RunConfig, target_modules: str | tuple[str, ...]) -> MoSLoRAConfig:
+    """The MoSLoRA settings of the run's flags, on ``target_modules``."""
+    return MoSLoRAConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        mixer_init=config.mixer_init,
+        train_mixer=not config.freeze_mixer,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+    )
+
+
+def _lock_output_dir(accelerator, output_dir: Path, may_replace_earlier_run: bool) -> OutputDirLock:
+    """Lock --output_dir for this run (the main process does; every process learns the outcome).
+
+    A folder holding an earlier run's adapter or checkpoints is refused (a UsageError: exit status 2)
+    unless the run resumes or --overwrite_output_dir says to replace them.
+    """
     lock, refusal = OutputDirLock(output_dir), None
     if accelerator.is_main_process:
         try:
             lock.acquire()
         except TrainingStopped as err:
-            refusal = str(err)
+            refusal = ("stopped", str(err))
         else:
-            removed = remove_incomplete_checkpoints(output_dir)
-            if removed:
-                logger.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
+            try:
+                if not may_replace_earlier_run:  # checked before the run too; again for a folder that was locked then
+                    refuse_earlier_run_outputs(output_dir)
+            except ValueError as err:
+                refusal = ("usage", str(err))
+            else:
+                removed = remove_incomplete_checkpoints(output_dir)
+                if removed:
+                    logger.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
     refusal = broadcast_object_list([refusal])[0]
     if refusal:
-        raise TrainingStopped(refusal)
+        lock.release()
+        kind, message = refusal
+        raise UsageError(message) if kind == "usage" else TrainingStopped(message)
     return lock
 
 
@@ -301,24 +454,34 @@ def _step_status(accelerator, step_losses: list[torch.Tensor], interrupts: Inter
     return diverged, interrupted
 
 
-def _check_adapter_finite(trained: dict, step: int, args, output_dir: Path) -> None:
+def _check_adapter_finite(trained: dict, step: int, divergence) -> None:
     """Never save NaN or infinite adapter weights (a finite loss can still leave them)."""
-    if not all(bool(torch.isfinite(p).all()) for model in trained.values() for n, p in model.named_parameters() if "lora_" in n):
-        raise TrainingStopped(divergence_message(step, "the adapter weights became NaN or infinite", args, latest_checkpoint(output_dir)))
+    if not all(
+        bool(torch.isfinite(p).all()) for model in trained.values() for n, p in model.named_parameters() if "lora_" in n
+    ):
+        raise divergence("the adapter weights became NaN or infinite", step)
 
 
-def _save_checkpoint(accelerator, args, trained: dict, output_dir: Path, step: int) -> Path:
+def _save_checkpoint(accelerator, training_state: dict, total_limit: int | None, output_dir: Path, step: int) -> Path:
     """save_checkpoint, or a TrainingStopped that says what failed and what is intact (a full disk)."""
-    _check_adapter_finite(trained, step, args, output_dir)
     try:
-        path = save_checkpoint(accelerator, output_dir, step, {"step": step, "seed": args.seed}, args.checkpoints_total_limit)
+        path = save_checkpoint(accelerator, output_dir, step, training_state, total_limit)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         raise TrainingStopped(
             f"could not write checkpoint-{step} in '{output_dir}' ({_reason(err)}); the earlier checkpoints are intact "
-            f"(latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun with --resume_from_checkpoint latest"
+            f"(latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun with "
+            "--resume_from_checkpoint latest"
         ) from None
     logger.info("Saved %s", path)
     return path
+
+
+def _no_sync(accelerator, models: list[torch.nn.Module]):
+    """Skip DDP's gradient all-reduce for every model (accumulation micro-batches before the last)."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        stack.enter_context(accelerator.no_sync(model))
+    return stack
 
 
 def _reason(err: BaseException) -> str:
@@ -341,70 +504,97 @@ def _configure_logging(accelerator) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("moslora_diffusion").setLevel(level)
-    transformers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else diffusers.utils.logging.set_verbosity_error()
+    for library in (transformers, diffusers):
+        if accelerator.is_local_main_process:
+            library.utils.logging.set_verbosity_warning()
+        else:
+            library.utils.logging.set_verbosity_error()
 
 
 def _progress(accelerator):
     return functools.partial(tqdm, disable=not accelerator.is_local_main_process)
 
 
-def _tracker_config(args) -> dict:
-    """The flags as TensorBoard hparams (scalars and strings only)."""
-    skip = {"base", "instance_images", "resume_checkpoint", "local_rank", "config"}
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items() if k not in skip and v is not None}
+def _tracker_config(config: RunConfig, resolution: int, total_steps: int) -> dict:
+    """The run's settings as TensorBoard hparams (scalars and strings only)."""
+    values = {**dataclasses.asdict(config), "resolution": resolution, "max_train_steps": total_steps}
+    values.pop("local_rank")
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items() if v is not None}
 
 
-def _log_run(accelerator, args, family, objective, trained, num_examples, steps_per_epoch) -> None:
+def _log_run(
+    accelerator, config: RunConfig, inputs: RunInputs, objective, trained, num_examples, steps_per_epoch, total_steps
+) -> None:
     adapter = sum(p.numel() for model in trained.values() for p in model.parameters() if p.requires_grad)
     logger.info(
         "Training %s (%s) on %s: %d examples, %d steps (%d per epoch), batch %d x %d processes x %d accumulation; "
         "MoSLoRA r=%d alpha=%s on %s: %.2fM trainable parameters",
-        family.name, objective.description, args.pretrained_model_name_or_path, num_examples, args.max_train_steps,
-        steps_per_epoch, args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
-        args.rank, args.lora_alpha, ", ".join(trained), adapter / 1e6,
+        inputs.base.family.name,
+        objective.description,
+        config.pretrained_model_name_or_path,
+        num_examples,
+        total_steps,
+        steps_per_epoch,
+        config.train_batch_size,
+        accelerator.num_processes,
+        config.gradient_accumulation_steps,
+        config.rank,
+        config.lora_alpha,
+        ", ".join(trained),
+        adapter / 1e6,
     )
 
 
-def _model_card(args, family, trained, objective, steps, image_names, written) -> ModelCard:
-    config = moslora_config_from_args(args, args.target_modules)
+def _model_card(
+    config: RunConfig,
+    inputs: RunInputs,
+    trained,
+    objective,
+    steps,
+    image_names,
+    written,
+    *,
+    resolution: int,
+    learning_rate: float,
+    text_encoder_lr: float,
+    seed: int,
+) -> ModelCard:
+    adapter = adapter_config(config, config.target_modules)
     adapter_settings = {
-        "rank r": config.r,
-        "alpha": config.lora_alpha,
-        "scale s": f"{config.scaling:g}",
-        "rsLoRA": config.use_rslora,
-        "mixer init": config.mixer_init,
-        "mixer trained": config.train_mixer,
-        "dropout": config.lora_dropout,
+        "rank r": adapter.r,
+        "alpha": adapter.lora_alpha,
+        "scale s": f"{adapter.scaling:g}",
+        "rsLoRA": adapter.use_rslora,
+        "mixer init": adapter.mixer_init,
+        "mixer trained": adapter.train_mixer,
+        "dropout": adapter.lora_dropout,
     }
     for name, model in trained.items():
         adapter_settings[f"{name} modules"] = sorted(model.peft_config[ADAPTER_NAME].target_modules)
     training_settings = {
         "steps": steps,
         "objective": objective.description,
-        "resolution": args.resolution,
-        "batch size": args.train_batch_size,
-        "gradient accumulation": args.gradient_accumulation_steps,
-        "learning rate": args.learning_rate,
-        "text encoder learning rate": args.text_encoder_lr if args.train_text_encoder else None,
-        "LR schedule": args.lr_scheduler,
-        "prior preservation": f"{args.class_prompt!r}, weight {args.prior_loss_weight}" if args.with_prior_preservation else None,
-        "mixed precision": args.mixed_precision or "no",
-        "seed": args.seed,
+        "resolution": resolution,
+        "batch size": config.train_batch_size,
+        "gradient accumulation": config.gradient_accumulation_steps,
+        "learning rate": learning_rate,
+        "text encoder learning rate": text_encoder_lr if config.train_text_encoder else None,
+        "LR schedule": config.lr_scheduler,
+        "prior preservation": f"{config.class_prompt!r}, weight {config.prior_loss_weight}"
+        if config.with_prior_preservation
+        else None,
+        "mixed precision": config.mixed_precision or "no",
+        "seed": seed,
     }
     files = {layout: Path(path).name for layout, path in written.items()}  # diffusers / kohya / native
     return ModelCard(
-        base_model=args.pretrained_model_name_or_path,
-        family=family,
-        instance_prompt=args.instance_prompt,
-        validation_prompt=args.validation_prompt,
+        base_model=config.pretrained_model_name_or_path,
+        family=inputs.base.family,
+        instance_prompt=config.instance_prompt,
+        validation_prompt=config.validation_prompt,
         adapter_settings=adapter_settings,
         training_settings={k: v for k, v in training_settings.items() if v is not None},
         validation_images=image_names,
         files=files,
-        license="apache-2.0" if args.base.is_tiny else None,
+        license="apache-2.0" if inputs.base.is_tiny else None,
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

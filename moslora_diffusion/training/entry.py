@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import sys
 
-from .args import UsageError, parse_args
+from .. import _warnings  # noqa: F401  (silences library notices that are not the user's concern)
+from .config import DEFAULT_PROG, UsageError, parse_run_config
 from .guards import INTERRUPTED_EXIT_CODES, TrainingStopped
 
 
-def main(argv: list[str] | None = None, prog: str = "train_dreambooth_moslora.py") -> int:
+def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> int:
     try:
-        args = parse_args(argv, prog=prog)
+        config = parse_run_config(argv, prog=prog)
+        from .run_inputs import resolve_run_inputs  # reads the base's model_index.json, lists images
+
+        config, inputs = resolve_run_inputs(config)
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     try:
         from .dreambooth import train  # torch, diffusers, accelerate: loaded once the flags are good
 
-        train(args)
-    except UsageError as err:  # found only once the base is loaded (e.g. target modules it lacks)
+        train(config, inputs)
+    except UsageError as err:  # found once the folder is locked or the base loaded (e.g. target modules it lacks)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # another run holds --output_dir, a full disk, a diverged loss, Ctrl-C / SIGTERM

@@ -202,12 +202,18 @@ def _in_main_thread() -> bool:
 # Messages
 
 
-def divergence_message(step: int, what: str, args, last_checkpoint: Path | None) -> str:
-    """Why the run stopped at a non-finite loss or weight, its likely causes, and what is left."""
-    rates = f"--learning_rate {args.learning_rate:g}"
-    if getattr(args, "train_text_encoder", False):
-        rates += f", --text_encoder_lr {args.text_encoder_lr:g}"
-    if args.mixed_precision == "fp16":
+def divergence_message(
+    step: int, what: str, *, learning_rate: float, text_encoder_lr: float | None, mixed_precision: str | None,
+    last_checkpoint: Path | None,
+) -> str:
+    """Why the run stopped at a non-finite loss or weight, its likely causes, and what is left.
+
+    ``text_encoder_lr``: None when no text encoder is trained.
+    """
+    rates = f"--learning_rate {learning_rate:g}"
+    if text_encoder_lr is not None:
+        rates += f", --text_encoder_lr {text_encoder_lr:g}"
+    if mixed_precision == "fp16":
         precision = "fp16 overflow (--mixed_precision fp16: bf16 or no avoids it)"
     else:
         precision = "fp16 overflow, had the run used --mixed_precision fp16"
@@ -216,3 +222,20 @@ def divergence_message(step: int, what: str, args, last_checkpoint: Path | None)
         f"{what} at step {step}; training stopped there. Likely causes: a learning rate too high ({rates}), or "
         f"{precision}. No adapter was written and {kept}."
     )
+
+
+def refuse_earlier_run_outputs(output_dir: str | os.PathLike) -> None:
+    """A ValueError naming what an earlier run left in ``output_dir`` (its adapter files, its checkpoints),
+    which a new run would replace: a user who forgot to change the folder must not lose that result."""
+    from ..formats import WEIGHT_NAMES
+    from .checkpoints import list_checkpoints
+
+    folder = Path(output_dir)
+    adapters = [name for name in WEIGHT_NAMES.values() if (folder / name).is_file()]
+    earlier = adapters + [p.name for p in list_checkpoints(folder)]
+    if earlier:
+        raise ValueError(
+            f"--output_dir '{output_dir}' already holds an earlier run's {', '.join(earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}; choose another --output_dir, continue that run with "
+            "--resume_from_checkpoint latest, or replace it with --overwrite_output_dir"
+        )

@@ -130,17 +130,29 @@ class FlowMatching:
         return error.mean(dim=tuple(range(1, error.dim()))) * noisy.weights
 
 
-def make_objective(family, scheduler_config, args) -> NoisePrediction | FlowMatching:
-    """The objective ``family`` trains with, configured from the parsed training arguments."""
+def make_objective(
+    family,
+    scheduler_config,
+    *,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    weighting_scheme: str | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    precondition_outputs: bool = False,
+) -> NoisePrediction | FlowMatching:
+    """The objective ``family`` trains with: noise prediction reads ``snr_gamma`` and ``noise_offset``, flow
+    matching the rest (``weighting_scheme`` None: the family's default, as diffusers' scripts)."""
     if family.objective == "noise_prediction":
-        return NoisePrediction(scheduler_config, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
+        return NoisePrediction(scheduler_config, snr_gamma=snr_gamma, noise_offset=noise_offset)
     return FlowMatching(
         scheduler_config,
-        weighting_scheme=args.weighting_scheme or family.default_weighting_scheme,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        mode_scale=args.mode_scale,
-        precondition_outputs=args.precondition_outputs,
+        weighting_scheme=weighting_scheme or family.default_weighting_scheme,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        precondition_outputs=precondition_outputs,
     )
 
 

@@ -1,0 +1,467 @@
+"""The trainer's run configuration: one frozen dataclass whose fields are the command-line flags.
+
+Each field of :class:`RunConfig` carries its own help text, group, choices and value check (``flag(...)``,
+as PEFT's and transformers' HfArgumentParser dataclasses do); the argparse parser, the ``--config FILE``
+key check and the checks of single values are generated from it, so a new flag is one field here.
+
+A config file (TOML or YAML) holds the same keys as the flags, without the dashes; flags given on the
+command line override it. Input paths in a config file (data folders, a base-model folder) are relative
+to the file, so ``--config samples/dreambooth_tiny.toml`` works from any folder; ``output_dir`` is
+relative to the current folder, like the flag.
+
+Only light modules are imported here: --help and flag errors answer before torch loads. What needs the
+file system (the base, the images, the output folder, a checkpoint) is checked in :mod:`.run_inputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..choices import MIXER_INITS, WEIGHTING_SCHEMES
+from ..targets import PRESET_NAMES, parse_target_modules
+
+DEFAULT_PROG = "train_dreambooth_moslora.py"
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the trainer prints the one-line message and exits with status 2."""
+
+
+def flag(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    choices: tuple | None = None,
+    check: str | None = None,
+    type: typing.Callable | None = None,
+) -> Any:
+    """A RunConfig field that is also a command-line flag.
+
+    ``check``: "positive" (> 0) or "non_negative" (>= 0), enforced when given. ``type``: how argparse reads
+    the value when the field's annotation does not say it (e.g. a value parsed further after argparse).
+    """
+    metadata = {"help": help, "group": group, "choices": choices, "check": check, "type": type}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_BASE, _DATA, _ADAPTER, _TRAINING = "base model", "data", "adapter (MoSLoRA)", "training"
+_OBJECTIVE, _OUTPUTS = "objective", "validation, checkpoints and logging"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a DreamBooth run, as given (flags over --config) and completed by the checks.
+
+    After :func:`parse_run_config`: ``lora_alpha``, ``validation_prompt`` and both target-module fields
+    are resolved (never None); after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and ``report_to`` too.
+    Values that need the loaded base (the default resolution, the number of steps of an epoch-based run,
+    learning rates under --scale_lr) are the recipe's own local values, never written back here.
+    """
+
+    # ---------------------------------------------------------------- base model
+    pretrained_model_name_or_path: str | None = flag(
+        None,
+        "Diffusers pipeline folder or hub id (family read from model_index.json), or "
+        "tiny:<sd15|sd2|sdxl|sd3|flux> for a tiny random offline pipeline (smoke runs).",
+        group=_BASE,
+    )
+    pretrained_vae_model_name_or_path: str | None = flag(
+        None, "A standalone VAE to use instead of the pipeline's (e.g. SDXL's fp16 fix).", group=_BASE
+    )
+    revision: str | None = flag(None, "Hub revision of the base model.", group=_BASE)
+    variant: str | None = flag(None, "Weight variant of the base model files, e.g. fp16.", group=_BASE)
+
+    # ---------------------------------------------------------------- data
+    instance_data_dir: str | None = flag(None, "Folder with the images of your subject.", group=_DATA)
+    instance_prompt: str | None = flag(
+        None, "Prompt naming the subject with its identifier, e.g. 'a photo of sks dog'.", group=_DATA
+    )
+    class_data_dir: str | None = flag(
+        None, "Folder of class images for prior preservation (missing ones are generated).", group=_DATA
+    )
+    class_prompt: str | None = flag(None, "Prompt for the class images, e.g. 'a photo of a dog'.", group=_DATA)
+    with_prior_preservation: bool = flag(False, "Add the prior-preservation loss on class images.", group=_DATA)
+    prior_loss_weight: float = flag(1.0, "Weight of the prior-preservation loss.", group=_DATA)
+    num_class_images: int = flag(
+        100, "Class images to have in --class_data_dir; missing ones are generated.", group=_DATA, check="positive"
+    )
+    sample_batch_size: int = flag(4, "Batch size when generating class images.", group=_DATA, check="positive")
+    resolution: int | None = flag(
+        None,
+        "Training resolution (square); default: the base's own (512 for SD 1.5, 1024 for SDXL, ...).",
+        group=_DATA,
+        check="positive",
+    )
+    center_crop: bool = flag(False, "Crop the centre instead of a random square.", group=_DATA)
+    random_flip: bool = flag(False, "Flip images horizontally at random.", group=_DATA)
+    cache_latents: bool = flag(
+        False, "Encode the images with the VAE once (the posterior, sampled per step).", group=_DATA
+    )
+    dataloader_num_workers: int = flag(
+        0, "Data loading worker processes (0: in the main process).", group=_DATA, check="non_negative"
+    )
+
+    # ---------------------------------------------------------------- adapter
+    rank: int = flag(4, "LoRA rank r (the mixer is r x r).", group=_ADAPTER, check="positive")
+    lora_alpha: float | None = flag(None, "LoRA alpha; scale s = alpha / r. Default: the rank (s = 1).", group=_ADAPTER)
+    lora_dropout: float = flag(0.0, "Dropout on the adapter input, in [0, 1).", group=_ADAPTER)
+    use_rslora: bool = flag(False, "Rank-stabilised scaling s = alpha / sqrt(r).", group=_ADAPTER)
+    mixer_init: str = flag("kaiming", "Initialisation of the r x r mixer M.", group=_ADAPTER, choices=MIXER_INITS)
+    freeze_mixer: bool = flag(False, "Keep M fixed (identity + frozen is plain LoRA, the baseline).", group=_ADAPTER)
+    target_modules: str | tuple[str, ...] = flag(
+        "attention",
+        f"Denoiser modules to adapt: a preset ({', '.join(PRESET_NAMES)}) or comma-separated module names.",
+        group=_ADAPTER,
+        type=str,
+    )
+    text_encoder_target_modules: str | tuple[str, ...] | None = flag(
+        None,
+        "Text-encoder modules with --train_text_encoder: a preset or names. "
+        "Default: --target_modules if it is a preset, else 'attention'.",
+        group=_ADAPTER,
+        type=str,
+    )
+
+    # ---------------------------------------------------------------- training
+    output_dir: str = flag(
+        "moslora-dreambooth-model",
+        "Where checkpoints, adapter files, images, logs and the model card go.",
+        group=_TRAINING,
+    )
+    overwrite_output_dir: bool = flag(
+        False,
+        "Train into an --output_dir that already holds adapter files or checkpoints of an earlier run "
+        "(they are replaced); without it such a folder is refused, unless the run resumes.",
+        group=_TRAINING,
+    )
+    seed: int | None = flag(
+        None, "Seed for a reproducible run (default: random, recorded in checkpoints).", group=_TRAINING
+    )
+    train_text_encoder: bool = flag(False, "Also train adapters on the CLIP text encoder(s).", group=_TRAINING)
+    train_batch_size: int = flag(
+        1, "Instance images per step and process (class images come on top).", group=_TRAINING, check="positive"
+    )
+    max_train_steps: int | None = flag(
+        None, "Optimizer steps; overrides --num_train_epochs.", group=_TRAINING, check="positive"
+    )
+    num_train_epochs: int = flag(1, "Epochs, when --max_train_steps is not given.", group=_TRAINING, check="positive")
+    gradient_accumulation_steps: int = flag(1, "Batches per optimizer step.", group=_TRAINING, check="positive")
+    gradient_checkpointing: bool = flag(
+        False, "Recompute activations in the backward pass to save memory.", group=_TRAINING
+    )
+    learning_rate: float = flag(1e-4, "Learning rate of the denoiser's adapter.", group=_TRAINING)
+    text_encoder_lr: float = flag(5e-6, "Learning rate of the text encoders' adapters.", group=_TRAINING)
+    scale_lr: bool = flag(
+        False, "Multiply learning rates by batch size, accumulation steps and processes.", group=_TRAINING
+    )
+    lr_scheduler: str = flag("constant", "LR schedule.", group=_TRAINING, choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = flag(0, "Warm-up steps of the LR schedule.", group=_TRAINING, check="non_negative")
+    lr_num_cycles: int = flag(1, "Cycles of cosine_with_restarts.", group=_TRAINING)
+    lr_power: float = flag(1.0, "Power of the polynomial schedule.", group=_TRAINING)
+    use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (must be installed).", group=_TRAINING)
+    adam_beta1: float = flag(0.9, "AdamW's beta1 (decay of the gradient's running mean).", group=_TRAINING)
+    adam_beta2: float = flag(0.999, "AdamW's beta2 (decay of the squared gradient's running mean).", group=_TRAINING)
+    adam_weight_decay: float = flag(1e-4, "Weight decay of the denoiser's adapter.", group=_TRAINING)
+    adam_weight_decay_text_encoder: float = flag(1e-3, "Weight decay of the text encoders' adapters.", group=_TRAINING)
+    adam_epsilon: float = flag(1e-8, "AdamW's epsilon (added to the denominator for stability).", group=_TRAINING)
+    max_grad_norm: float = flag(1.0, "Gradient clipping norm.", group=_TRAINING)
+    mixed_precision: str | None = flag(
+        None,
+        "Frozen weights in this precision, adapters in fp32 (default: accelerate's config).",
+        group=_TRAINING,
+        choices=("no", "fp16", "bf16"),
+    )
+    allow_tf32: bool = flag(False, "Allow TF32 matmuls on Ampere GPUs.", group=_TRAINING)
+    local_rank: int = flag(-1, argparse.SUPPRESS, group=_TRAINING)  # torch.distributed.launch passes it
+
+    # ---------------------------------------------------------------- objective
+    snr_gamma: float | None = flag(
+        None, "Min-SNR weighting gamma (epsilon / v-prediction families; 5.0 is usual).", group=_OBJECTIVE
+    )
+    noise_offset: float = flag(0.0, "Noise offset (epsilon / v-prediction families).", group=_OBJECTIVE)
+    weighting_scheme: str | None = flag(
+        None,
+        "Flow matching (SD3/Flux) timestep density and loss weighting; default as diffusers' scripts "
+        "(SD3 logit_normal, Flux none).",
+        group=_OBJECTIVE,
+        choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = flag(0.0, "Mean of logit_normal timestep sampling.", group=_OBJECTIVE)
+    logit_std: float = flag(1.0, "Std of logit_normal timestep sampling.", group=_OBJECTIVE)
+    mode_scale: float = flag(1.29, "Scale of mode timestep sampling.", group=_OBJECTIVE)
+    precondition_outputs: bool = flag(
+        False, "Flow matching: regress x_0 from preconditioned outputs (SD3 paper).", group=_OBJECTIVE
+    )
+    guidance_scale: float = flag(
+        3.5, "Flux: the guidance value fed to a guidance-distilled transformer.", group=_OBJECTIVE
+    )
+    max_sequence_length: int | None = flag(
+        None, "T5 prompt length (SD3 77, Flux 512, capped by the tokenizer).", group=_OBJECTIVE, check="positive"
+    )
+
+    # ---------------------------------------------------------------- validation, checkpoints, logging
+    validation_prompt: str | None = flag(
+        None, "Prompt of the validation images (default: --instance_prompt).", group=_OUTPUTS
+    )
+    num_validation_images: int = flag(4, "Validation images per validation run.", group=_OUTPUTS, check="non_negative")
+    validation_steps: int = flag(
+        100, "Validate every this many steps (and always at the end).", group=_OUTPUTS, check="positive"
+    )
+    validation_at_start: bool = flag(
+        False,
+        "Also validate before the first step (validation/step_000000.png: the base alone), for a before/after pair.",
+        group=_OUTPUTS,
+    )
+    num_inference_steps: int | None = flag(
+        None,
+        "Sampling steps for validation and class images (default: the pipeline's).",
+        group=_OUTPUTS,
+        check="positive",
+    )
+    checkpointing_steps: int = flag(
+        500,
+        "Save a resumable checkpoint every this many steps (and at the last step).",
+        group=_OUTPUTS,
+        check="positive",
+    )
+    checkpoints_total_limit: int | None = flag(
+        None, "Keep at most this many checkpoints (oldest deleted).", group=_OUTPUTS, check="positive"
+    )
+    resume_from_checkpoint: str | None = flag(
+        None, "'latest', or a checkpoint-<step> folder, to continue a run exactly.", group=_OUTPUTS
+    )
+    report_to: str | None = flag(
+        None,
+        "Where to log losses and images besides logs/train_log.jsonl (default: tensorboard when installed).",
+        group=_OUTPUTS,
+        choices=("tensorboard", "none"),
+    )
+    logging_dir: str = flag(
+        "logs", "Folder of the per-step train_log.jsonl and of TensorBoard, relative to --output_dir.", group=_OUTPUTS
+    )
+
+
+def _flag_type(field: dataclasses.Field, hint) -> tuple[Any, bool]:
+    """(argparse type, is a boolean flag) of a field, from its metadata or its annotation."""
+    if field.metadata["type"] is not None:
+        return field.metadata["type"], False
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    if kinds == [bool]:
+        return None, True
+    return kinds[0], False
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with "(default: X)" added only where X says something (not None, not already told)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --learning_rat is a typo, not --learning_rate
+
+    def error(self, message):  # one line instead of argparse's usage block and sys.exit
+        suggested = _with_suggestions(message, self._option_string_actions)
+        raise UsageError(suggested if suggested != message else f"{message} (see --help)")
+
+
+def _with_suggestions(message: str, known: typing.Iterable[str]) -> str:
+    """argparse's "unrecognized arguments: --rnak 3" with "(did you mean --rank?)" for a close flag name."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    flags = [k for k in known if k.startswith("--")]
+    suggestions = {}
+    for token in message[len(prefix) :].split():
+        name = token.split("=")[0]
+        close = difflib.get_close_matches(name, flags, n=1) if name.startswith("--") else []
+        if close:
+            suggestions[name] = close[0]
+    if len(suggestions) == 1:
+        return f"{message} (did you mean {next(iter(suggestions.values()))}?)"
+    if suggestions:
+        return f"{message} (did you mean " + ", ".join(f"{s} for {n}" for n, s in suggestions.items()) + "?)"
+    return message
+
+
+def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
+    """The command line of :class:`RunConfig`: one flag per field, in its group, with its help and choices."""
+    parser = _Parser(
+        prog=prog,
+        description="DreamBooth training of a MoSLoRA adapter for SD 1.x, SD 2.x, SDXL, SD3 or Flux; "
+        "writes the adapter as native MoSLoRA, plain diffusers LoRA and kohya LoRA files.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--config", default=None, help="TOML or YAML file with the same keys as these flags; flags override it."
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kind, is_bool = _flag_type(field, hints[field.name])
+        kwargs: dict[str, Any] = {"default": field.default, "help": meta["help"]}
+        if is_bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+        group.add_argument(f"--{field.name}", **kwargs)
+    return parser
+
+
+_INPUT_PATH_KEYS = (
+    "instance_data_dir",
+    "class_data_dir",
+    "pretrained_model_name_or_path",
+    "pretrained_vae_model_name_or_path",
+)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The flags set in a TOML or YAML file, as a dict keyed by flag name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config '{path}': no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise UsageError(f"--config '{path}': expected a .toml, .yaml or .yml file")
+    except UsageError:
+        raise
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise UsageError(f"--config '{path}': cannot parse ({' '.join(str(err).split())})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config '{path}': expected keys and values at the top level")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def _config_to_argv(parser: argparse.ArgumentParser, values: dict, config_path: Path) -> list[str]:
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    argv: list[str] = []
+    for key, value in values.items():
+        if key not in actions or key == "config":
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"--config '{config_path}': unknown key '{key}'{hint}")
+        if value is None:
+            continue
+        if (
+            key in _INPUT_PATH_KEYS
+            and isinstance(value, str)
+            and not value.startswith("tiny:")
+            and not Path(value).is_absolute()
+        ):
+            relative = config_path.parent / value
+            # Data folders are always relative to the file; a base model only if it is there (else a hub id).
+            if key.endswith("data_dir") or relative.exists():
+                value = str(relative)
+        if isinstance(actions[key], argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config '{config_path}': '{key}' must be true or false, got {value!r}")
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", ",".join(str(v) for v in value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_run_config(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> RunConfig:
+    """Flags merged over ``--config``, with every check that needs no file: a completed, frozen RunConfig.
+
+    Raises :class:`UsageError` with a one-line message for anything a user has to fix. Reads no model.
+    """
+    parser = build_parser(prog)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    config_argv = []
+    if known.config:
+        config_argv = _config_to_argv(parser, load_config_file(known.config), Path(known.config))
+    namespace = parser.parse_args(config_argv + list(argv if argv is not None else sys.argv[1:]))
+    config = RunConfig(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(RunConfig)})
+    return _checked(config)
+
+
+def _require(config: RunConfig, name: str, why: str) -> None:
+    if getattr(config, name) in (None, ""):
+        raise UsageError(f"--{name} is required ({why})")
+
+
+def _checked(config: RunConfig) -> RunConfig:
+    _require(
+        config, "pretrained_model_name_or_path", "a diffusers pipeline folder, hub id, or tiny:sd15 for a smoke run"
+    )
+    _require(config, "instance_data_dir", "the folder with your subject's images")
+    _require(config, "instance_prompt", "the prompt naming your subject, e.g. 'a photo of sks dog'")
+    for field in dataclasses.fields(RunConfig):
+        value, check = getattr(config, field.name), field.metadata["check"]
+        if value is None or check is None:
+            continue
+        if check == "positive" and value <= 0:
+            raise UsageError(f"--{field.name} must be positive, got {value}")
+        if check == "non_negative" and value < 0:
+            raise UsageError(f"--{field.name} cannot be negative, got {value}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    if config.with_prior_preservation:
+        _require(
+            config,
+            "class_prompt",
+            "prior preservation generates and trains on images of the class, e.g. 'a photo of a dog'",
+        )
+        _require(config, "class_data_dir", "prior preservation keeps its class images there")
+    try:
+        target_modules = _as_immutable(parse_target_modules(str(config.target_modules)))
+        te_targets = config.text_encoder_target_modules
+        if te_targets is None:
+            te_targets = target_modules if target_modules in PRESET_NAMES else "attention"
+        text_encoder_target_modules = _as_immutable(parse_target_modules(str(te_targets)))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return dataclasses.replace(
+        config,
+        target_modules=target_modules,
+        text_encoder_target_modules=text_encoder_target_modules,
+        lora_alpha=config.rank if config.lora_alpha is None else config.lora_alpha,
+        validation_prompt=config.instance_prompt if config.validation_prompt is None else config.validation_prompt,
+    )
+
+
+def _as_immutable(targets: str | list[str]) -> str | tuple[str, ...]:
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
+def is_hub_id(value: str) -> bool:
+    """``owner/name``, the shape of a Hugging Face Hub repository id."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
