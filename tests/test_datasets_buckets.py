@@ -40,8 +40,20 @@ SELECTIONS = [
     ((512, 512), BucketOptions(enable_bucket=True), (100, 100), (512, 512), (512, 512)),  # small: upscaled
     ((512, 512), BucketOptions(enable_bucket=True, bucket_no_upscale=True), (300, 200), (256, 192), (300, 200)),
     ((512, 512), BucketOptions(enable_bucket=True, bucket_no_upscale=True), (2048, 1024), (640, 320), (640, 320)),
-    ((512, 512), BucketOptions(enable_bucket=True, bucket_no_upscale=True, bucket_reso_steps=16), (50, 70), (48, 64), (50, 70)),
-    ((32, 32), BucketOptions(enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8), (48, 24), (40, 24), (48, 24)),  # 48x24 is over the area
+    (
+        (512, 512),
+        BucketOptions(enable_bucket=True, bucket_no_upscale=True, bucket_reso_steps=16),
+        (50, 70),
+        (48, 64),
+        (50, 70),
+    ),
+    (
+        (32, 32),
+        BucketOptions(enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8),
+        (48, 24),
+        (40, 24),
+        (48, 24),
+    ),  # 48x24 is over the area
 ]
 
 
@@ -61,7 +73,12 @@ def test_bucket_no_upscale_image_smaller_than_a_step_is_an_error_naming_it():
 @pytest.mark.parametrize(
     "resolution, options, multiple, message",
     [
-        ((512, 512), BucketOptions(enable_bucket=True, bucket_reso_steps=8), 16, "bucket_reso_steps = 8 does not suit flux"),
+        (
+            (512, 512),
+            BucketOptions(enable_bucket=True, bucket_reso_steps=8),
+            16,
+            "bucket_reso_steps = 8 does not suit flux",
+        ),
         ((512, 512), BucketOptions(enable_bucket=True, min_bucket_reso=200), 16, "min_bucket_reso = 200"),
         ((520, 512), BucketOptions(), 16, "resolution 520x512 does not suit flux"),
         ((512, 512), BucketOptions(enable_bucket=True), 16, None),
@@ -94,7 +111,9 @@ def test_placement_crops_and_flips_and_records_sdxl_conditioning(random_crop, fl
         source = pixels[:, ::-1] if flip else pixels
         top, left = placement.crop_top_left
         np.testing.assert_array_equal(out, source[top : top + 4, left : left + 8])
-    seen = {place(image.size, choice, random_crop=random_crop, flip=flip, rng=random.Random(t)).crop_left for t in range(40)}
+    seen = {
+        place(image.size, choice, random_crop=random_crop, flip=flip, rng=random.Random(t)).crop_left for t in range(40)
+    }
     assert seen == ({0, 1, 2, 3, 4} if random_crop else {2})
 
 

@@ -6,9 +6,17 @@ import logging
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from moslora_diffusion.datasets.captions import CaptionError, CaptionOptions, caption_rng, process_caption, read_captions
+from moslora_diffusion.datasets.captions import (
+    CaptionError,
+    CaptionOptions,
+    caption_rng,
+    process_caption,
+    read_captions,
+)
 
 
 def _images(folder, *names):
@@ -130,3 +138,43 @@ def test_caption_randomness_is_keyed_by_seed_epoch_index():
     assert all(text.startswith("sks, ") for text in outcomes if text)
     dropped = sum(run(1, 0, index) == "" for index in range(2000)) / 2000
     assert 0.17 < dropped < 0.23
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+
+_files = st.dictionaries(
+    st.sampled_from(["a.txt", "b.txt", "metadata.jsonl", "metadata.csv"]),
+    st.one_of(
+        st.binary(max_size=40),
+        st.text(max_size=40).map(str.encode),
+        st.sampled_from([b'{"file_name": "a.png", "text": "x"}', b'{"file_name": 1}', b"file_name,text\na.png,\"x",
+                         b"file_name,text\na.png,y,z\n", b'{"file_name": "b.png", "text": null}', b"\xff\xfe"]),
+    ),
+    max_size=3,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(files=_files, fallback=st.one_of(st.none(), st.text(max_size=5)))
+def test_fuzz_caption_files_give_captions_or_one_caption_error(tmp_path_factory, files, fallback):
+    folder = tmp_path_factory.mktemp("captions")
+    images = _images(folder, "a.png", "b.png")
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    try:
+        captions = read_captions(images, fallback=fallback)
+    except CaptionError as err:
+        assert "metadata" in str(err) and "\n" not in str(err)
+    else:
+        assert len(captions) == 2 and all(isinstance(c, str) and "\n" not in c for c in captions)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(caption=st.text(max_size=30), keep=st.integers(0, 5), rate=st.floats(0, 1), seed=st.integers(0, 2**32))
+def test_fuzz_process_caption_keeps_its_first_tokens_and_shuffles_the_rest(caption, keep, rate, seed):
+    options = CaptionOptions(shuffle_caption=True, keep_tokens=keep, caption_dropout_rate=rate)
+    out = process_caption(caption, options, random.Random(seed))
+    tokens = [t.strip() for t in caption.strip().split(",")]
+    if out or rate == 0:
+        assert out.split(", ")[:keep] == tokens[:keep]
+        assert sorted(out.split(", ")) == sorted(tokens)

@@ -126,14 +126,26 @@ def test_masked_loss_weights_from_mask_folder_and_alpha_and_never_for_reg(tmp_pa
     Image.fromarray(rgba, "RGBA").save(tmp_path / "img" / "img1.png")  # alpha: left half
     masks = tmp_path / "masks"
     masks.mkdir()
-    Image.fromarray(np.tile((np.arange(16) >= 8).astype(np.uint8) * 255, (16, 1))).save(masks / "img0.png")  # right half
+    Image.fromarray(np.tile((np.arange(16) >= 8).astype(np.uint8) * 255, (16, 1))).save(
+        masks / "img0.png"
+    )  # right half
     _folder(tmp_path / "reg", [(16, 16)])
     spec = dataset_spec_from_folders(
-        tmp_path / "img", resolution=16, class_data_dir=tmp_path / "reg", alpha_mask=True, mask_data_dir=masks, batch_size=3
+        tmp_path / "img",
+        resolution=16,
+        class_data_dir=tmp_path / "reg",
+        alpha_mask=True,
+        mask_data_dir=masks,
+        batch_size=3,
     )
     records = scan_datasets((spec,))
     samples = expand_repeats(records)
     dataset = BucketedImageDataset(records, samples, seed=0, masked_loss=True)
     batch = collate_bucketed([dataset[i] for i in range(len(dataset))])
     assert batch["is_reg"].tolist() == [False, False, True, True]
-    assert batch["loss_weights"].tolist() == [[[[0.0, 1.0], [0.0, 1.0]]], [[[1.0, 0.0], [1.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, 1.0], [1.0, 1.0]]]]
+    assert batch["loss_weights"].tolist() == [
+        [[[0.0, 1.0], [0.0, 1.0]]],
+        [[[1.0, 0.0], [1.0, 0.0]]],
+        [[[1.0, 1.0], [1.0, 1.0]]],
+        [[[1.0, 1.0], [1.0, 1.0]]],
+    ]

@@ -21,7 +21,9 @@ def _png_rgb16(path, pixels: np.ndarray) -> None:
     height, width, _ = pixels.shape
     raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def _palette_with_transparency(path):
@@ -39,7 +41,13 @@ MODES = [
     ("palette.png", _palette_with_transparency, (1, 1), (0, 255, 0), 255),
     ("cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100), (0, 0), (255, 0, 0), None),
     ("grey16.png", lambda p: Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(p), (0, 0), (255, 255, 255), None),
-    ("rgb16.png", lambda p: _png_rgb16(p, np.full((4, 4, 3), [65535, 32896, 0], np.uint16)), (0, 0), (255, 128, 0), None),
+    (
+        "rgb16.png",
+        lambda p: _png_rgb16(p, np.full((4, 4, 3), [65535, 32896, 0], np.uint16)),
+        (0, 0),
+        (255, 128, 0),
+        None,
+    ),
 ]
 
 

@@ -102,7 +102,11 @@ def test_a_kohya_file_with_several_concepts_inherits_subset_over_dataset_over_ge
         buckets=BucketOptions(True, 320, 1280, 32, True),
     )  # fmt: skip
     assert second == DatasetSpec(
-        subsets=(SubsetSpec(tmp_path / "img", caption_extension=".txt", caption=CaptionOptions(True, 1, caption_dropout_rate=1.0)),),
+        subsets=(
+            SubsetSpec(
+                tmp_path / "img", caption_extension=".txt", caption=CaptionOptions(True, 1, caption_dropout_rate=1.0)
+            ),
+        ),
         resolution=(512, 512),
         buckets=BucketOptions(enable_bucket=True),
     )
@@ -110,7 +114,9 @@ def test_a_kohya_file_with_several_concepts_inherits_subset_over_dataset_over_ge
 
 def test_kohya_defaults_and_fallbacks_fill_what_the_file_leaves_out(tmp_path):
     path = _write(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img"\n')
-    (spec,) = load_dataset_config(path, fallbacks={"resolution": 64, "batch_size": 2, "caption_extension": ".txt", "keep_tokens": None})
+    (spec,) = load_dataset_config(
+        path, fallbacks={"resolution": 64, "batch_size": 2, "caption_extension": ".txt", "keep_tokens": None}
+    )
     assert spec == DatasetSpec((SubsetSpec(tmp_path / "img", caption_extension=".txt"),), (64, 64), 2, BucketOptions())
     assert SubsetSpec(tmp_path).caption_extension == ".caption"  # kohya's default when nothing says otherwise
 
@@ -142,29 +148,97 @@ BAD_FILES = [
     ("general = 1\n" + _SUBSET, "[general]", "expected a table"),
     ("[general]\nresolution = 64\n[[datasets]]\nbatch_size = 2\n", "datasets[0].subsets", "missing"),
     (_SUBSET, "datasets[0].resolution", "not set"),
-    ("[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "datasets[0].subsets[0].image_dir", "missing"),
-    ('[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "nope"\n', "datasets[0].subsets[0].image_dir", "does not exist"),
-    ('[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = ""\n', "datasets[0].subsets[0].image_dir", "does not exist"),
-    ("[general]\nresolution = 64\n" + _SUBSET + 'mask_dir = "nope"\n', "datasets[0].subsets[0].mask_dir", "does not exist"),
-    ("[general]\nresolution = 64\n" + _SUBSET + 'num_repeats = "3"\n', "datasets[0].subsets[0].num_repeats", "expected an integer, found '3' (str)"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "num_repeats = 2.0\n", "datasets[0].subsets[0].num_repeats", "expected an integer"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "flip_aug = 1\n", "datasets[0].subsets[0].flip_aug", "expected true or false"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "keep_tokens = -1\n", "datasets[0].subsets[0].keep_tokens", "an integer >= 0"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "caption_dropout_rate = 1.5\n", "caption_dropout_rate", "between 0 and 1"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "caption_dropout_rate = true\n", "caption_dropout_rate", "expected a number"),
+    (
+        "[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n",
+        "datasets[0].subsets[0].image_dir",
+        "missing",
+    ),
+    (
+        '[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "nope"\n',
+        "datasets[0].subsets[0].image_dir",
+        "does not exist",
+    ),
+    (
+        '[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = ""\n',
+        "datasets[0].subsets[0].image_dir",
+        "does not exist",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + 'mask_dir = "nope"\n',
+        "datasets[0].subsets[0].mask_dir",
+        "does not exist",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + 'num_repeats = "3"\n',
+        "datasets[0].subsets[0].num_repeats",
+        "expected an integer, found '3' (str)",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "num_repeats = 2.0\n",
+        "datasets[0].subsets[0].num_repeats",
+        "expected an integer",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "flip_aug = 1\n",
+        "datasets[0].subsets[0].flip_aug",
+        "expected true or false",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "keep_tokens = -1\n",
+        "datasets[0].subsets[0].keep_tokens",
+        "an integer >= 0",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "caption_dropout_rate = 1.5\n",
+        "caption_dropout_rate",
+        "between 0 and 1",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "caption_dropout_rate = true\n",
+        "caption_dropout_rate",
+        "expected a number",
+    ),
     ("[general]\nresolution = [64]\n" + _SUBSET, "general.resolution", "a positive integer or [width, height]"),
     ("[general]\nresolution = 0\n" + _SUBSET, "general.resolution", "a positive integer"),
     ("[general]\nbatch_size = 0\nresolution = 8\n" + _SUBSET, "general.batch_size", "an integer >= 1"),
-    ("[general]\nresolution = 64\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n" + _SUBSET, "datasets[0].min_bucket_reso", "above max"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "num_repeat = 2\n", "datasets[0].subsets[0].num_repeat", "unknown key; did you mean 'num_repeats'"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "resolution = 32\n", "datasets[0].subsets[0].resolution", "belongs in [[datasets]] or [general]"),
-    ('[general]\nresolution = 64\nimage_dir = "img"\n' + _SUBSET, "general.image_dir", "belongs in a [[datasets.subsets]]"),
+    (
+        "[general]\nresolution = 64\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n" + _SUBSET,
+        "datasets[0].min_bucket_reso",
+        "above max",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "num_repeat = 2\n",
+        "datasets[0].subsets[0].num_repeat",
+        "unknown key; did you mean 'num_repeats'",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "resolution = 32\n",
+        "datasets[0].subsets[0].resolution",
+        "belongs in [[datasets]] or [general]",
+    ),
+    (
+        '[general]\nresolution = 64\nimage_dir = "img"\n' + _SUBSET,
+        "general.image_dir",
+        "belongs in a [[datasets.subsets]]",
+    ),
     ("[general]\nresolution = 64\nis_reg = true\n" + _SUBSET, "general.is_reg", "belongs in a [[datasets.subsets]]"),
-    ("[general]\nresolution = 64\ncolor_aug = true\n" + _SUBSET, "general.color_aug", "kohya's color_aug is not supported"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "face_crop_aug_range = [2.0, 4.0]\n", "face_crop_aug_range", "not supported"),
+    (
+        "[general]\nresolution = 64\ncolor_aug = true\n" + _SUBSET,
+        "general.color_aug",
+        "kohya's color_aug is not supported",
+    ),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "face_crop_aug_range = [2.0, 4.0]\n",
+        "face_crop_aug_range",
+        "not supported",
+    ),
     ("[general]\nresolution = 64\n" + _SUBSET + "token_warmup_step = 10\n", "token_warmup_step", "not supported"),
     ("[general]\nresolution = 64\n" + _SUBSET + 'metadata_file = "m.json"\n', "metadata_file", "not supported"),
-    ("[general]\nresolution = 64\n" + _SUBSET + "[[datasets.subsets]]\n", "datasets[0].subsets[1].image_dir", "missing"),
+    (
+        "[general]\nresolution = 64\n" + _SUBSET + "[[datasets.subsets]]\n",
+        "datasets[0].subsets[1].image_dir",
+        "missing",
+    ),
     ("[general\nresolution = 64", "", "not valid TOML"),
 ]
 
@@ -218,7 +292,9 @@ _scalars = st.one_of(
     st.sampled_from(["img", "", ".", "..", "/", "\x00", "img/../img"]),
 )  # fmt: skip
 _values = st.recursive(
-    _scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
 )
 _keys = st.one_of(st.sampled_from(_KNOWN), st.text(string.ascii_lowercase + "_", min_size=1, max_size=12))
 _tables = st.dictionaries(_keys, _values, max_size=6)
@@ -229,7 +305,11 @@ _configs = st.fixed_dictionaries(
         "datasets": st.one_of(
             st.lists(
                 st.one_of(
-                    st.builds(lambda t, subs: {**t, "subsets": subs}, _tables, st.one_of(st.lists(_tables, max_size=3), _values)),
+                    st.builds(
+                        lambda t, subs: {**t, "subsets": subs},
+                        _tables,
+                        st.one_of(st.lists(_tables, max_size=3), _values),
+                    ),
                     _values,
                 ),
                 max_size=3,

@@ -31,7 +31,9 @@ def test_masked_mse_equals_a_hand_computed_weighted_loss():
     channels = torch.randn(2, 4, 3, 3)
     ones = torch.ones(2, 1, 3, 3)
     torch.testing.assert_close(masked_mse_per_sample(channels, 0 * channels, ones), (channels**2).mean(dim=(1, 2, 3)))
-    with pytest.raises(ValueError, match=r"loss weights of shape \(2, 1, 2, 2\) do not fit predictions of shape \(2, 4, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"loss weights of shape \(2, 1, 2, 2\) do not fit predictions of shape \(2, 4, 3, 3\)"
+    ):
         masked_mse_per_sample(channels, channels, torch.ones(2, 1, 2, 2))
 
 

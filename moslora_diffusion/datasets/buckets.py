@@ -35,7 +35,9 @@ class BucketOptions:
     bucket_no_upscale: bool = False
 
 
-def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64) -> list[Size]:
+def make_bucket_resolutions(
+    max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64
+) -> list[Size]:
     """kohya's make_bucket_resolutions: the square of the area, then for each width from ``min_size`` in
     ``divisible`` steps the tallest height (also a multiple, at most ``max_size``) within the area, both ways."""
     max_area = max_reso[0] * max_reso[1]
@@ -181,5 +183,7 @@ def apply_placement(
     if image.size != placement.resized_size:
         image = image.resize(placement.resized_size, resample=resample)
     width, height = placement.bucket
-    image = image.crop((placement.crop_left, placement.crop_top, placement.crop_left + width, placement.crop_top + height))
+    image = image.crop(
+        (placement.crop_left, placement.crop_top, placement.crop_left + width, placement.crop_top + height)
+    )
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if placement.flip else image

@@ -120,4 +120,6 @@ class TensorCache:
         try:
             save_safetensors(tensors, self.path(key), metadata={"key": key, "format": CACHE_FORMAT, "kind": self.kind})
         except OSError as err:
-            logger.warning("Cannot write %s cache entry %s (%s); training goes on without it", self.kind, self.path(key), err)
+            logger.warning(
+                "Cannot write %s cache entry %s (%s); training goes on without it", self.kind, self.path(key), err
+            )

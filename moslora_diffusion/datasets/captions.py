@@ -191,4 +191,6 @@ def _report_missing(missing: list[Path], total: int, fallback: str | None, exten
     if len(missing) == total and fallback:
         logger.info("%s: no captions (%s files or metadata); %s for all %d images", source, extension, using, total)
     else:
-        logger.warning("%s: %d of %d images have no caption (%s); %s", source, len(missing), total, names(missing), using)
+        logger.warning(
+            "%s: %d of %d images have no caption (%s); %s", source, len(missing), total, names(missing), using
+        )

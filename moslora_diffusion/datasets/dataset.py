@@ -49,9 +49,9 @@ def dataset_spec_from_folders(
     class_data_dir: str | Path | None = None,
     class_prompt: str | None = None,
     batch_size: int = 1,
-    buckets: BucketOptions = BucketOptions(),
+    buckets: BucketOptions | None = None,
     caption_extension: str = ".txt",
-    caption: CaptionOptions = CaptionOptions(),
+    caption: CaptionOptions | None = None,
     random_flip: bool = False,
     random_crop: bool = False,
     alpha_mask: bool = False,
@@ -59,18 +59,14 @@ def dataset_spec_from_folders(
 ) -> DatasetSpec:
     """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset."""
     size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    instance = SubsetSpec(
-        Path(instance_data_dir), class_tokens=instance_prompt, caption_extension=caption_extension, caption=caption,
-        flip_aug=random_flip, random_crop=random_crop, alpha_mask=alpha_mask,
-        mask_dir=Path(mask_data_dir) if mask_data_dir else None,
-    )  # fmt: skip
-    subsets = [instance]
+    shared = {"caption_extension": caption_extension, "flip_aug": random_flip, "random_crop": random_crop}
+    mask_dir = Path(mask_data_dir) if mask_data_dir else None
+    options = caption or CaptionOptions()
+    subsets = [SubsetSpec(Path(instance_data_dir), class_tokens=instance_prompt, caption=options, alpha_mask=alpha_mask,
+                          mask_dir=mask_dir, **shared)]  # fmt: skip
     if class_data_dir is not None:
-        subsets.append(
-            SubsetSpec(Path(class_data_dir), is_reg=True, class_tokens=class_prompt, caption_extension=caption_extension,
-                       flip_aug=random_flip, random_crop=random_crop)
-        )  # fmt: skip
-    return DatasetSpec(tuple(subsets), size, batch_size, buckets)
+        subsets.append(SubsetSpec(Path(class_data_dir), is_reg=True, class_tokens=class_prompt, **shared))
+    return DatasetSpec(tuple(subsets), size, batch_size, buckets or BucketOptions())
 
 
 def scan_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") -> list[ImageRecord]:
@@ -85,7 +81,9 @@ def scan_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") ->
                 images, caption_extension=subset.caption_extension, caption_column=caption_column,
                 fallback=subset.class_tokens, source=source,
             )  # fmt: skip
-            masks = find_masks(images, subset.mask_dir, f"{source}.mask_dir") if subset.mask_dir else [None] * len(images)
+            masks = (
+                find_masks(images, subset.mask_dir, f"{source}.mask_dir") if subset.mask_dir else [None] * len(images)
+            )
             sizes = [upright_size(path) for path in images]
             _warn_small(images, sizes, spec.buckets, source)
             for path, caption, size, mask in zip(images, captions, sizes, masks):
@@ -137,7 +135,9 @@ def _reg_samples(records: Sequence[ImageRecord], reg: list[int], wanted: int) ->
     return [i for i in reg for _ in range(counts[i])]
 
 
-def bucket_groups(records: Sequence[ImageRecord], samples: Sequence[int], specs: Sequence[DatasetSpec]) -> list[BucketGroup]:
+def bucket_groups(
+    records: Sequence[ImageRecord], samples: Sequence[int], specs: Sequence[DatasetSpec]
+) -> list[BucketGroup]:
     """The sampler's groups: samples by (dataset, bucket), each with its dataset's batch size."""
     grouped: dict[tuple[int, Size], list[int]] = defaultdict(list)
     for sample, record_index in enumerate(samples):
@@ -185,7 +185,9 @@ class BucketedImageDataset(Dataset):
         placed = np.array(apply_placement(image, placement), dtype=np.uint8)
         item = {
             "pixel_values": torch.from_numpy(placed).permute(2, 0, 1).float() / 127.5 - 1.0,
-            "caption": process_caption(record.caption, record.subset.caption, caption_rng(self.seed, self.epoch, index)),
+            "caption": process_caption(
+                record.caption, record.subset.caption, caption_rng(self.seed, self.epoch, index)
+            ),
             "original_size": placement.original_size,
             "crop_top_left": placement.crop_top_left,
             "target_size": placement.target_size,

@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .buckets import BucketOptions, Size
 from .captions import CaptionOptions
@@ -85,7 +86,12 @@ def _checker(kind: type, minimum: float | None = None, maximum: float | None = N
     return check
 
 
-SUBSET_ONLY_KEYS = {"image_dir": _checker(str), "is_reg": _checker(bool), "alpha_mask": _checker(bool), "mask_dir": _checker(str)}
+SUBSET_ONLY_KEYS = {
+    "image_dir": _checker(str),
+    "is_reg": _checker(bool),
+    "alpha_mask": _checker(bool),
+    "mask_dir": _checker(str),
+}
 SUBSET_KEYS = {
     "num_repeats": _checker(int),
     "class_tokens": _checker(str),
@@ -157,7 +163,11 @@ def parse_dataset_config(
         bucket_keys = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
         buckets = BucketOptions(**{key: value(key) for key in bucket_keys if value(key) is not None})
         if buckets.min_bucket_reso > buckets.max_bucket_reso:
-            raise fail(where, "min_bucket_reso", f"{buckets.min_bucket_reso} is above max_bucket_reso {buckets.max_bucket_reso}")
+            raise fail(
+                where,
+                "min_bucket_reso",
+                f"{buckets.min_bucket_reso} is above max_bucket_reso {buckets.max_bucket_reso}",
+            )
         subsets = []
         subset_tables = _array_of_tables(dataset.get("subsets"), f"{where}.subsets", "[[datasets.subsets]]", fail)
         for s, subset in enumerate(subset_tables):
@@ -178,11 +188,15 @@ def _subset(subset: dict, where: str, chain: tuple[dict, ...], base_dir: Path, f
     image_dir = _folder(base_dir, subset["image_dir"], where, "image_dir", fail)
     repeats = value("num_repeats")
     if repeats is not None and repeats < 1:
-        logger.warning("%s: num_repeats = %d, so the subset '%s' is left out (as kohya does)", where, repeats, image_dir)
+        logger.warning(
+            "%s: num_repeats = %d, so the subset '%s' is left out (as kohya does)", where, repeats, image_dir
+        )
         return None
     mask_dir = _folder(base_dir, subset["mask_dir"], where, "mask_dir", fail) if "mask_dir" in subset else None
     caption_fields = [option.name for option in dataclasses.fields(CaptionOptions)]
-    present = {key: value(key) for key in (*caption_fields, "class_tokens", "caption_extension", "flip_aug", "random_crop")}
+    present = {
+        key: value(key) for key in (*caption_fields, "class_tokens", "caption_extension", "flip_aug", "random_crop")
+    }
     present = {key: v for key, v in present.items() if v is not None}
     return SubsetSpec(
         image_dir=image_dir,

@@ -75,7 +75,13 @@ def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, weights: tor
     """
     if weights.dim() == pred.dim() - 1:
         weights = weights.unsqueeze(1)
-    if weights.shape[0] != pred.shape[0] or weights.shape[2:] != pred.shape[2:] or weights.shape[1] not in (1, pred.shape[1]):
-        raise ValueError(f"loss weights of shape {tuple(weights.shape)} do not fit predictions of shape {tuple(pred.shape)}")
+    if (
+        weights.shape[0] != pred.shape[0]
+        or weights.shape[2:] != pred.shape[2:]
+        or weights.shape[1] not in (1, pred.shape[1])
+    ):
+        raise ValueError(
+            f"loss weights of shape {tuple(weights.shape)} do not fit predictions of shape {tuple(pred.shape)}"
+        )
     squared = (pred.float() - target.float()) ** 2 * weights.float()
     return squared.mean(dim=tuple(range(1, pred.dim())))

@@ -57,7 +57,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = []
         for group in self.groups:
             order = [group.indices[i] for i in torch.randperm(len(group.indices), generator=generator).tolist()]
-            padded = (order * math.ceil(group.batches * group.batch_size / len(order)))[: group.batches * group.batch_size]
+            padded = (order * math.ceil(group.batches * group.batch_size / len(order)))[
+                : group.batches * group.batch_size
+            ]
             batches += [padded[b * group.batch_size : (b + 1) * group.batch_size] for b in range(group.batches)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         total = len(self) * self.num_replicas
@@ -72,11 +74,15 @@ def format_bucket_table(groups: Sequence[BucketGroup], num_replicas: int = 1) ->
     """The start-up log's bucket table: size, images (repeats included), batch size, batches per epoch."""
     rows = [("bucket (w x h)", "images", "batch size", "batches/epoch")]
     for group in sorted(groups, key=lambda g: (g.size, g.batch_size)):
-        rows.append((f"{group.size[0]} x {group.size[1]}", str(len(group.indices)), str(group.batch_size), str(group.batches)))
+        rows.append(
+            (f"{group.size[0]} x {group.size[1]}", str(len(group.indices)), str(group.batch_size), str(group.batches))
+        )
     total_batches = sum(group.batches for group in groups)
     rows.append(("total", str(sum(len(g.indices) for g in groups)), "", str(total_batches)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     if num_replicas > 1:
-        lines.append(f"{num_replicas} processes: {math.ceil(total_batches / num_replicas)} batches per process per epoch")
+        lines.append(
+            f"{num_replicas} processes: {math.ceil(total_batches / num_replicas)} batches per process per epoch"
+        )
     return "\n".join(lines)
