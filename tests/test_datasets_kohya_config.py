@@ -297,32 +297,40 @@ _values = st.recursive(
     max_leaves=6,
 )
 _keys = st.one_of(st.sampled_from(_KNOWN), st.text(string.ascii_lowercase + "_", min_size=1, max_size=12))
-_tables = st.dictionaries(_keys, _values, max_size=6)
-_configs = st.fixed_dictionaries(
-    {},
-    optional={
-        "general": st.one_of(_tables, _values),
-        "datasets": st.one_of(
-            st.lists(
-                st.one_of(
-                    st.builds(
-                        lambda t, subs: {**t, "subsets": subs},
-                        _tables,
-                        st.one_of(st.lists(_tables, max_size=3), _values),
-                    ),
-                    _values,
-                ),
-                max_size=3,
-            ),
-            _values,
-        ),
-    },
-).flatmap(lambda config: st.dictionaries(_keys, _values, max_size=2).map(lambda extra: {**extra, **config}))
+_DELETE = object()
+# A valid file, then a few edits anywhere in it (set any key to any value, or delete it): reaches every check.
+_edits = st.lists(
+    st.tuples(st.sampled_from(["top", "general", "dataset", "subset"]), _keys, st.one_of(_values, st.just(_DELETE))),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _edited(edits) -> dict:
+    config = {"general": {"resolution": 64}, "datasets": [{"batch_size": 2, "subsets": [{"image_dir": "img"}]}]}
+    for level, key, value in edits:
+        try:
+            table = {
+                "top": lambda: config,
+                "general": lambda: config["general"],
+                "dataset": lambda: config["datasets"][0],
+                "subset": lambda: config["datasets"][0]["subsets"][0],
+            }[level]()
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit replaced the path to this table
+        if not isinstance(table, dict):
+            continue
+        if value is _DELETE:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    return config
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(config=_configs)
-def test_fuzz_any_config_parses_or_raises_only_dataset_config_error(tmp_path_factory, config):
+@given(edits=_edits)
+def test_fuzz_any_config_parses_or_raises_only_dataset_config_error(tmp_path_factory, edits):
+    config = _edited(edits)
     base_dir = tmp_path_factory.getbasetemp() / "fuzz"
     (base_dir / "img").mkdir(parents=True, exist_ok=True)
     try:
