@@ -44,7 +44,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .formats import find_adapter_file, read_adapter_file, write_adapter_files
+    from .formats.files import find_adapter_file, read_adapter_file, write_adapter_files
 
     source = find_adapter_file(args.adapter)
     state = read_adapter_file(source)
@@ -75,7 +75,8 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .formats import find_adapter_file, mixer_statistics, read_adapter_file
+    from .formats.files import find_adapter_file, read_adapter_file
+    from .formats.resize import mixer_statistics
     from .loaders import check_adapter_file
 
     path = find_adapter_file(args.file, args.weight_name)
@@ -162,7 +163,9 @@ def _resize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_resize(args: argparse.Namespace) -> int:
-    from .formats import FORMATS, read_adapter_file, resize_adapter, write_adapter_files
+    from .formats.files import read_adapter_file, write_adapter_files
+    from .formats.names import FORMATS
+    from .formats.resize import resize_adapter
 
     state = read_adapter_file(args.adapter, args.weight_name)
     resized, report = resize_adapter(state, args.rank)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .clip_names import other_clip_name
 from .families import Family, family_of_model_dir, family_of_pipeline
 from .fileio import SafetensorsReader, TensorInfo, atomic_directory, atomic_path, load_safetensors, write_safetensors_streaming
 from .single_file import original_layout, single_file_components
@@ -505,7 +506,7 @@ class _ComponentWeights:
         """The file's name for a model tensor name (transformers 5 drops CLIP's ``text_model.`` level)."""
         if model_key in self.tensors:
             return model_key
-        other = model_key.removeprefix("text_model.") if model_key.startswith("text_model.") else f"text_model.{model_key}"
+        other = other_clip_name(model_key)
         return other if other in self.tensors else None
 
 
@@ -736,7 +737,7 @@ class _MergePlan:
     # -- the record of what was merged --------------------------------------------------------------
 
     def _record(self) -> dict:
-        from . import __version__
+        from .version import __version__
 
         return {
             "tool": f"moslora-diffusion {__version__}",

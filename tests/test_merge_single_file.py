@@ -184,7 +184,7 @@ def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
     comfy = _import_comfy()
     import comfy.diffusers_convert
 
-    from moslora_diffusion.single_file import _clip_key
+    from moslora_diffusion.clip_names import with_clip_root
 
     # ComfyUI's VAE converter is written for SD's four-level VAE: compare on one (the tiny VAE has two).
     vae = diffusers.AutoencoderKL(
@@ -200,7 +200,7 @@ def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
     _, single_file, expected = merged_single_files("sdxl")
     prefix = "conditioner.embedders.1.model."
     ours = {k.removeprefix(prefix): v for k, v in load_file(single_file).items() if k.startswith(prefix)}
-    te2 = {f"transformer.{_clip_key(k)}": v for k, v in expected.text_encoder_2.state_dict().items()}
+    te2 = {f"transformer.{with_clip_root(k)}": v for k, v in expected.text_encoder_2.state_dict().items()}
     theirs = comfy.diffusers_convert.convert_text_enc_state_dict_v20(te2)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
