@@ -53,6 +53,7 @@ class Family:
     pipeline_class: ClassVar[str]
     denoiser: ClassVar[str]  # "unet" or "transformer"
     text_encoders: ClassVar[tuple[str, ...]]
+    t5_text_encoder: ClassVar[str | None] = None  # the one text encoder that is not a CLIP model
     # kohya / webui prefix of each adapted component
     kohya_prefixes: ClassVar[dict[str, str]]
     # what webui's LoRA card shows (ss_base_model_version) and the modelspec architecture
@@ -80,6 +81,11 @@ class Family:
     def adapter_components(cls) -> tuple[str, ...]:
         """Components that can carry an adapter, denoiser first."""
         return (cls.denoiser, *cls.text_encoders)
+
+    @classmethod
+    def clip_text_encoders(cls) -> tuple[str, ...]:
+        """The CLIP text encoders, whose module names in files keep CLIP's ``text_model.`` root."""
+        return tuple(c for c in cls.text_encoders if c != cls.t5_text_encoder)
 
     @classmethod
     def load_components(
@@ -275,6 +281,7 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_text_encoder = "text_encoder_3"
     # sd-scripts' lora_unet_ names are the original MMDiT modules (fused qkv), which a per-projection
     # LoRA does not have; ComfyUI reads diffusers module names under OneTrainer's lora_transformer_.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
@@ -330,6 +337,7 @@ class Flux(Family):
     pipeline_class = "FluxPipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
+    t5_text_encoder = "text_encoder_2"
     # As SD3: ComfyUI and diffusers read diffusers module names under lora_transformer_.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     ss_base_model_version = "flux1"

@@ -26,7 +26,7 @@ from .config import MOSLORA_ONLY_FIELDS, MoSLoRAConfig
 from .families import Family, family_of_model_dir, family_of_pipeline
 from .fileio import save_safetensors
 from .formats.diffusers import diffusers_state_dict
-from .formats.files import DIFFUSERS_WEIGHT_NAME, find_adapter_file, read_adapter_file, write_adapter_files
+from .formats.files import DIFFUSERS_WEIGHT_NAME, read_adapter_file, write_adapter_files
 from .formats.names import FACTOR_SUFFIXES
 from .formats.state import (
     AdapterState,
@@ -180,10 +180,11 @@ def load_moslora_weights(
     ``load_lora_weights``, so it composes with other LoRAs under ``set_adapters``. ``trainable=True``
     rebuilds MoSLoRA layers with a trainable mixer instead (from a native file exactly; from a folded or
     kohya file with M = I), for resuming and further training. A folder is searched for the native
-    file first, then the folded and kohya files; ``weight_name`` picks one.
+    file first, then the folded and kohya files; ``weight_name`` picks one. A training ``checkpoint-N``
+    folder loads as the native adapter it holds.
     """
-    path = find_adapter_file(path_or_dir, weight_name)
-    state = read_adapter_file(path)
+    state = read_adapter_file(path_or_dir, weight_name)
+    path = state.source_path
     family = family_of_pipeline(pipe)
     models = {name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None}
     state = fit_adapter_to_models(state, models, family)

@@ -8,14 +8,15 @@ One adapted module holds delta W = s * B M A. Each layout is one module that kno
     kohya      (kohya.py)     kohya key renaming: lora_down = A, lora_up = B M, alpha = s * r; webui's ss_* card
 
 and around them: state.py (the adapter in memory), names.py (the one key-suffix table, metadata keys),
-checks.py (validation, layout detection), files.py (file names, find / read / write), resize.py (rank
-reduction, mixer statistics).
+checks.py (validation, layout detection), files.py (file names, find / read / write), checkpoint.py
+(a training checkpoint folder read as a native adapter), resize.py (rank reduction, mixer statistics).
 
 Module paths in files are checkpoint names: a CLIP text model keeps its ``text_model.`` root even where
 transformers 5 flattens it away (every LoRA tool expects it). This package works on tensors and metadata
 only; :mod:`moslora_diffusion.loaders` matches adapters against live models and applies them to pipelines.
 """
 
+from .checkpoint import CHECKPOINT_CONFIG_KEY, read_training_checkpoint, training_checkpoint_folder
 from .checks import (
     LORA_DTYPES,
     check_adapter_tensor,
@@ -53,6 +54,7 @@ from .state import (
 )
 
 __all__ = [
+    "CHECKPOINT_CONFIG_KEY",
     "CONFIG_FIELDS",
     "DIFFUSERS_METADATA_KEY",
     "DIFFUSERS_WEIGHT_NAME",
@@ -90,7 +92,9 @@ __all__ = [
     "parse_adapter_state_dict",
     "plain_lora_config_kwargs",
     "read_adapter_file",
+    "read_training_checkpoint",
     "resize_adapter",
+    "training_checkpoint_folder",
     "validate_adapter_state_dict",
     "write_adapter_files",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import load_safetensors, save_safetensors
+from .checkpoint import read_training_checkpoint, training_checkpoint_folder
 from .checks import detect_format, validate_adapter_state_dict
 from .diffusers import diffusers_state_dict, parse_diffusers
 from .kohya import kohya_state_dict, parse_kohya
@@ -56,7 +57,10 @@ def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = 
 
 
 def read_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None) -> AdapterState:
-    """Read, validate and parse an adapter file of any of the three layouts."""
+    """Read, validate and parse an adapter file of any of the three layouts, or a training checkpoint
+    (a ``checkpoint-N`` folder or one of its ``adapter_<component>.safetensors``)."""
+    if weight_name is None and training_checkpoint_folder(path_or_dir) is not None:
+        return read_training_checkpoint(path_or_dir)
     path = find_adapter_file(path_or_dir, weight_name)
     tensors, metadata = load_safetensors(path)
     return parse_adapter_state_dict(tensors, metadata, path)

@@ -93,12 +93,19 @@ def _load_adapter(pipe, family: type[Family], spec: AdapterSpec, adapter_name: s
     Our layouts go through load_moslora_weights (which folds the mixer and checks family and shapes).
     A folded or kohya-style file it cannot place (say an SDXL LoRA with SGM-named kohya keys from another
     trainer), and any other file, then goes through diffusers' own load_lora_weights, which knows more
-    formats. A native file never does: stock loaders would drop its mixer.
+    formats. A native file never does: stock loaders would drop its mixer, nor does a training checkpoint
+    (read as the native adapter it holds).
     """
+    from ..formats.checkpoint import read_training_checkpoint, training_checkpoint_folder
     from ..formats.checks import detect_format, has_only_adapter_keys, validate_adapter_state_dict
     from ..formats.files import parse_adapter_state_dict
     from ..loaders import load_moslora_weights
 
+    if training_checkpoint_folder(spec.path) is not None:
+        read_training_checkpoint(spec.path)  # every tensor and config checked before the hollow pipeline sees it
+        load = [lambda: load_moslora_weights(pipe, spec.path, adapter_name=adapter_name)]
+        _load_with_fallbacks(pipe, family, spec.path, load, adapter_name)
+        return
     path, tensors, metadata = _adapter_file(spec)
     # Before any loader, and final: diffusers' own would take NaN or float8 weights, or a module with B and
     # no A (leaving A at its random init), that ours refuse. Keys of other trainers' layouts may pass.
@@ -122,6 +129,11 @@ def _load_adapter(pipe, family: type[Family], spec: AdapterSpec, adapter_name: s
                 str(path.parent), weight_name=path.name, adapter_name=adapter_name, use_safetensors=True
             )
         )
+    _load_with_fallbacks(pipe, family, path, attempts, adapter_name)
+
+
+def _load_with_fallbacks(pipe, family: type[Family], path: Path, attempts: list, adapter_name: str) -> None:
+    """Try each loader in turn until one loads the adapter whole; one ValueError naming ``path`` if none does."""
     first_error = None
     for load in attempts:
         failed = None
