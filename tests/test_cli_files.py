@@ -343,3 +343,18 @@ def test_an_old_checkpoint_says_which_files_to_use(capsys, adapter_pipe, tmp_pat
         code, _, err = run_cli(capsys, *command)
         assert_one_line_error(code, err, "training checkpoint", str(tmp_path / "run" / NATIVE_WEIGHT_NAME))
 
+
+# ------------------------------------------------------------------------------------------------
+# Metadata describes the file as it is
+
+
+def test_inspect_after_resize_reports_the_identity_mixer(capsys, adapter_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "inspect", adapter_dir, "--json")
+    assert json.loads(out)["components"]["unet"]["mixer"] == "kaiming"
+    assert run_cli(capsys, "resize", adapter_dir, "--rank", 1, "--output_dir", tmp_path / "r1")[0] == 0
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r1", "--json")
+    report = json.loads(out)
+    assert {info["mixer"] for info in report["components"].values()} == {"identity"}
+    assert all(stats["distance_from_identity"] == 0 for stats in report["layers"].values())
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r1")
+    assert "mixer identity" in out and "kaiming" not in out and "orthogonal" not in out

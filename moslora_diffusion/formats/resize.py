@@ -34,7 +34,8 @@ def resize_adapter(state: AdapterState, rank: int) -> tuple[AdapterState, Resize
     With B = Q_B R_B and A^T = Q_A R_A (thin QR), s B M A = Q_B (s R_B M R_A^T) Q_A^T, so the SVD of the
     small r x r core U S V^T gives the SVD of the whole delta. Keeping k singular values:
     B_k = Q_B U_k sqrt(S_k / s'), A_k = sqrt(S_k / s') V_k^T Q_A^T, M_k = I, where s' is the scale of
-    the resized config (same alpha, r = k). Layers whose delta has rank below k are zero-padded.
+    the resized config (same alpha, r = k). Layers whose delta has rank below k are zero-padded. The
+    resized config records M's init as "identity", since that is the M the file holds.
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"--rank must be a positive integer, got {rank!r}")
@@ -48,6 +49,8 @@ def resize_adapter(state: AdapterState, rank: int) -> tuple[AdapterState, Resize
             )
         config = dict(adapter.config, r=rank, rank_pattern={})
         keep_mixer = bool(config.get("use_moslora"))
+        if keep_mixer:
+            config["mixer_init"] = "identity"  # the metadata describes the file: its resized M is I
         layers = {}
         for path, layer in adapter.layers.items():
             new_scale = config_scale(config, path)
