@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     print(header + report, flush=True)
     (out / "results.md").write_text(header + report)
     (out / "results.json").write_text(
-        json.dumps(dict(args={k: repo_relative(v) for k, v in vars(args).items()}, base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
+        json.dumps(dict(args={k: repo_relative(v) for k, v in vars(args).items()},
+                        base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
                         runs=results, losses=curves), indent=1) + "\n"  # fmt: skip
     )
     draw_report(out / "quality.png", curves, samples, base_samples)

@@ -72,7 +72,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "file", help="an adapter file (native, diffusers or kohya), a folder holding one, or a training checkpoint-N folder"
+        "file",
+        help="an adapter file (native, diffusers or kohya), a folder holding one, or a training checkpoint-N folder",
     )
     parser.add_argument("--weight_name", help="file name inside a folder")
     parser.add_argument(
@@ -180,7 +181,8 @@ def _run_resize(args: argparse.Namespace) -> int:
 
     state = read_adapter_file(args.adapter, args.weight_name)
     source_dir = _folder_of(state.source_path)
-    output_dir = Path(args.output_dir) if args.output_dir else source_dir.with_name(f"{source_dir.name}-rank{args.rank}")
+    default_dir = source_dir.with_name(f"{source_dir.name}-rank{args.rank}")
+    output_dir = Path(args.output_dir) if args.output_dir else default_dir
     if output_dir.resolve() == source_dir.resolve():
         raise ValueError(f"--output_dir {output_dir}: is the adapter's own folder; write the resized adapter elsewhere")
     resized, report = resize_adapter(state, args.rank)
