@@ -38,6 +38,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -95,6 +96,15 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------------------------------
 # Statistics
+
+
+def repo_relative(value):
+    """A path inside the repository as a relative one, so results read the same on every checkout."""
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value).resolve()
+        if path == REPO or REPO in path.parents:
+            return str(path.relative_to(REPO))
+    return value
 
 
 def rank_sum_test(x: list[float], y: list[float]) -> float:
@@ -401,7 +411,8 @@ def main(argv=None) -> int:
     print(header + report, flush=True)
     (out / "results.md").write_text(header + report)
     (out / "results.json").write_text(
-        json.dumps(dict(args=vars(args), base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
+        json.dumps(dict(args={k: repo_relative(v) for k, v in vars(args).items()},
+                        base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
                         runs=results, losses=curves), indent=1) + "\n"  # fmt: skip
     )
     draw_report(out / "quality.png", curves, samples, base_samples)

@@ -3,7 +3,7 @@
     moslora train --config FILE | --pretrained_model_name_or_path ... (flags of train_dreambooth_moslora.py)
     moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
-    moslora resize ADAPTER --rank K --output_dir DIR     exact best rank-K approximation of each s B M A
+    moslora resize ADAPTER --rank K [--output_dir DIR]   exact best rank-K approximation of each s B M A
     moslora merge --base DIR --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
 
 To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args) -> int`` and add a
@@ -14,6 +14,7 @@ To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args)
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import sys
@@ -36,7 +37,9 @@ class Subcommand:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", help="native moslora_weights.safetensors, or the folder holding it")
+    parser.add_argument(
+        "adapter", help="native moslora_weights.safetensors, the folder holding it, or a training checkpoint-N folder"
+    )
     parser.add_argument("--to", choices=("diffusers", "kohya", "both"), default="both", help="layouts to write (default: both)")
     parser.add_argument("--output_dir", help="where to write (default: the adapter's folder)")
     parser.add_argument("--title", help="title on the kohya LoRA card (default: the output folder's name)")
@@ -44,14 +47,17 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .formats import find_adapter_file, read_adapter_file, write_adapter_files
+    from .formats.files import read_adapter_file, write_adapter_files
 
-    source = find_adapter_file(args.adapter)
-    state = read_adapter_file(source)
-    if state.source_format != "native":
-        raise ValueError(f"{source}: is a {state.source_format} file; export reads a native MoSLoRA file (moslora_weights.safetensors)")
+    state = read_adapter_file(args.adapter)
+    source = state.source_path
+    if state.source_format not in ("native", "checkpoint"):
+        raise ValueError(
+            f"{source}: is a {state.source_format} file; export reads a native MoSLoRA file "
+            "(moslora_weights.safetensors) or a training checkpoint folder"
+        )
     layouts = ("diffusers", "kohya") if args.to == "both" else (args.to,)
-    output_dir = Path(args.output_dir) if args.output_dir else source.parent
+    output_dir = Path(args.output_dir) if args.output_dir else _folder_of(source)
     paths = write_adapter_files(state, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     for layout, path in paths.items():
         print(f"{layout}: {path}")
@@ -65,7 +71,10 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="an adapter file (native, diffusers or kohya), or a folder holding one")
+    parser.add_argument(
+        "file",
+        help="an adapter file (native, diffusers or kohya), a folder holding one, or a training checkpoint-N folder",
+    )
     parser.add_argument("--weight_name", help="file name inside a folder")
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -75,16 +84,16 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .formats import find_adapter_file, mixer_statistics, read_adapter_file
+    from .formats.files import read_adapter_file
+    from .formats.resize import mixer_statistics
     from .loaders import check_adapter_file
 
-    path = find_adapter_file(args.file, args.weight_name)
     if args.pretrained_model_name_or_path:
-        state = check_adapter_file(path, args.pretrained_model_name_or_path)
+        state = check_adapter_file(args.file, args.pretrained_model_name_or_path, args.weight_name)
     else:
-        state = read_adapter_file(path)
+        state = read_adapter_file(args.file, args.weight_name)
     report = {
-        "file": str(path),
+        "file": str(state.source_path),
         "format": state.source_format,
         "family": state.family,
         "base_model": state.base_model,
@@ -152,9 +161,13 @@ def _print_inspect_report(report: dict) -> None:
 
 
 def _resize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", help="an adapter file or folder (native: all three layouts are written)")
+    parser.add_argument(
+        "adapter", help="an adapter file or folder, or a training checkpoint-N folder (native: all three layouts)"
+    )
     parser.add_argument("--rank", type=int, required=True, help="the new rank k")
-    parser.add_argument("--output_dir", required=True, help="folder for the resized adapter")
+    parser.add_argument(
+        "--output_dir", help="folder for the resized adapter (default: beside the adapter's folder, named FOLDER-rankK)"
+    )
     parser.add_argument("--weight_name", help="file name inside a folder")
     parser.add_argument("--title", help="title on the kohya LoRA card")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -162,12 +175,19 @@ def _resize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_resize(args: argparse.Namespace) -> int:
-    from .formats import FORMATS, read_adapter_file, resize_adapter, write_adapter_files
+    from .formats.files import read_adapter_file, write_adapter_files
+    from .formats.names import FORMATS
+    from .formats.resize import resize_adapter
 
     state = read_adapter_file(args.adapter, args.weight_name)
+    source_dir = _folder_of(state.source_path)
+    default_dir = source_dir.with_name(f"{source_dir.name}-rank{args.rank}")
+    output_dir = Path(args.output_dir) if args.output_dir else default_dir
+    if output_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"--output_dir {output_dir}: is the adapter's own folder; write the resized adapter elsewhere")
     resized, report = resize_adapter(state, args.rank)
-    layouts = FORMATS if state.source_format == "native" else (state.source_format,)
-    paths = write_adapter_files(resized, args.output_dir, layouts, title=args.title, overwrite=args.overwrite)
+    layouts = FORMATS if state.source_format in ("native", "checkpoint") else (state.source_format,)
+    paths = write_adapter_files(resized, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"rank": report.rank, "energy": report.energy, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
         return 0
@@ -178,6 +198,11 @@ def _run_resize(args: argparse.Namespace) -> int:
         print(f"{layout}: {path}")
     print(f"Resized to {report.summary()}")
     return 0
+
+
+def _folder_of(source: Path) -> Path:
+    """The folder an adapter was read from (a checkpoint folder is its own)."""
+    return source if source.is_dir() else source.parent
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,18 +259,43 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching (``--jso`` is an error, not ``--json``), and a did-you-mean for a mistyped flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self._given: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        # A mistyped flag can surface as "unrecognized" or as the flag it meant being "required".
+        options = [option for action in self._actions for option in action.option_strings]
+        flags = [token.split("=")[0] for token in self._given if token.startswith("--")]
+        for flag in (f for f in flags if f not in options):
+            close = difflib.get_close_matches(flag, options, n=1)
+            if close:
+                message += f" ({flag}: did you mean {close[0]}?)"
+                break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moslora", description="Train MoSLoRA adapters and ship them as plain LoRA.")
+    parser = _Parser(prog="moslora", description="Train MoSLoRA adapters and ship them as plain LoRA.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, subcommand in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
         subcommand.add_arguments(sub)
-        sub.set_defaults(run=subcommand.run)
+        sub.set_defaults(run=subcommand.run, parser=sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # the subcommand's flags, for the hint
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:

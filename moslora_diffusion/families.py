@@ -53,11 +53,15 @@ class Family:
     pipeline_class: ClassVar[str]
     denoiser: ClassVar[str]  # "unet" or "transformer"
     text_encoders: ClassVar[tuple[str, ...]]
+    t5_text_encoder: ClassVar[str | None] = None  # the one text encoder that is not a CLIP model
     # kohya / webui prefix of each adapted component
     kohya_prefixes: ClassVar[dict[str, str]]
     # what webui's LoRA card shows (ss_base_model_version) and the modelspec architecture
     ss_base_model_version: ClassVar[str]
+    ss_v2: ClassVar[bool] = False  # webui's "SD 2.x" flag on the LoRA card
     modelspec_architecture: ClassVar[str]
+    # The original single-file layout: (component, naming rules in single_file.py, key prefix in the file).
+    single_file_layout: ClassVar[tuple[tuple[str, str, str], ...]]
 
     # --- training -------------------------------------------------------------------------------
     objective: ClassVar[str]  # "noise_prediction" (epsilon / v from the scheduler) or "flow_matching"
@@ -79,6 +83,11 @@ class Family:
     def adapter_components(cls) -> tuple[str, ...]:
         """Components that can carry an adapter, denoiser first."""
         return (cls.denoiser, *cls.text_encoders)
+
+    @classmethod
+    def clip_text_encoders(cls) -> tuple[str, ...]:
+        """The CLIP text encoders, whose module names in files keep CLIP's ``text_model.`` root."""
+        return tuple(c for c in cls.text_encoders if c != cls.t5_text_encoder)
 
     @classmethod
     def load_components(
@@ -200,6 +209,11 @@ class SD15(Family):
     text_encoders = ("text_encoder",)
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
     ss_base_model_version = "sd_v1"
+    single_file_layout = (
+        ("unet", "unet", "model.diffusion_model."),
+        ("vae", "vae", "first_stage_model."),
+        ("text_encoder", "clip", "cond_stage_model.transformer."),
+    )
     modelspec_architecture = "stable-diffusion-v1/lora"
     objective = "noise_prediction"
     default_resolution = 512
@@ -222,6 +236,12 @@ class SD15(Family):
 class SD2(SD15):
     name = "sd2"
     ss_base_model_version = "sd_v2"
+    ss_v2 = True
+    single_file_layout = (
+        ("unet", "unet", "model.diffusion_model."),
+        ("vae", "vae", "first_stage_model."),
+        ("text_encoder", "open_clip", "cond_stage_model.model."),
+    )
     modelspec_architecture = "stable-diffusion-v2/lora"
     default_resolution = 768
     license = "openrail++"
@@ -234,6 +254,12 @@ class SDXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     ss_base_model_version = "sdxl_base_v1-0"
+    single_file_layout = (
+        ("unet", "unet", "model.diffusion_model."),
+        ("vae", "vae", "first_stage_model."),
+        ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
+        ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
+    )
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     objective = "noise_prediction"
     default_resolution = 1024
@@ -263,10 +289,13 @@ class SD3(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_text_encoder = "text_encoder_3"
     # sd-scripts' lora_unet_ names are the original MMDiT modules (fused qkv), which a per-projection
     # LoRA does not have; ComfyUI reads diffusers module names under OneTrainer's lora_transformer_.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
     ss_base_model_version = "sd3"
+    # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.
+    single_file_layout = (("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))
     modelspec_architecture = "stable-diffusion-3-medium/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -316,9 +345,12 @@ class Flux(Family):
     pipeline_class = "FluxPipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
+    t5_text_encoder = "text_encoder_2"
     # As SD3: ComfyUI and diffusers read diffusers module names under lora_transformer_.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     ss_base_model_version = "flux1"
+    # As flux1-dev.safetensors: the transformer alone, with bare names.
+    single_file_layout = (("transformer", "flux", ""),)
     modelspec_architecture = "flux-1-dev/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -370,6 +402,12 @@ class Flux(Family):
 
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux)}
+
+
+# Every component name an adapter file may carry, over all families (denoisers first).
+ADAPTER_COMPONENTS: tuple[str, ...] = tuple(
+    dict.fromkeys([*(f.denoiser for f in FAMILIES.values()), *(c for f in FAMILIES.values() for c in f.text_encoders)])
+)
 
 
 def get_family(name: str) -> type[Family]:

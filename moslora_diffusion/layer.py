@@ -2,10 +2,11 @@
 
     y = W0 x + s * B M A x      A: r x in (lora_A), M: r x r (lora_mixer), B: out x r (lora_B)
 
-The forward applies M wherever it costs least, all exact: on every token's r features (r^2 per
-token), folded into B once per call (B M, r^2 * out) or folded into A (M A, r^2 * in); merging adds
-s * B M A to W0. Plain LoRA adapters can live in the same layer: only adapters created from a
-:class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
+The forward computes the same product in one of three orders, all exact, choosing the cheapest for
+the call: M on every token's r features, B (M (A x)) (r^2 per token; few tokens), or M folded into
+the narrower side once per call, (B M) (A x) (r^2 * out) or B ((M A) x) (r^2 * in). A conv layer
+always folds M into A (its kernel); merging adds s * B M A to W0. Plain LoRA adapters can live in the
+same layer: only adapters created from a :class:`~moslora_diffusion.MoSLoRAConfig` carry a mixer.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def fold_mixer_into_lora_b(lora_b: torch.Tensor, mixer: torch.Tensor) -> torch.T
 
 
 class MoSLoRAVariant(LoraVariant):
-    """PEFT variant hooks: mixer creation, forward with the mixer folded into A, and merging."""
+    """PEFT variant hooks: mixer creation, the forward (the module docstring's three orders), merging."""
 
     def supports_lora_conversion(self) -> bool:
         return True  # B' = B M is exact
@@ -103,12 +104,10 @@ class MoSLoRAVariant(LoraVariant):
         if not isinstance(lora_a, nn.Linear):
             down = lora_a._conv_forward(x, fold_mixer_into_lora_a(lora_a.weight, mixer), None)
             return torch.add(result, lora_b(down), alpha=scaling)
-        # Linear: M goes where it costs least, all exact: on each token's r features (r^2 per token),
-        # folded into B (B M: r^2 * out per call) or into A (M A: r^2 * in). Few tokens (77-token
-        # contexts, small latents) mix per token; many fold into the narrower side. The same choice keeps
-        # the least for backward (a T x r activation, or an r x out / r x in weight). The scale rides on
-        # the sum (add with alpha): four operators, as many as PEFT LoRA's B(A x) * s + result, and no
-        # module calls.
+        # Linear: the order of the module docstring that costs least. Few tokens (77-token contexts,
+        # small latents) mix per token; many fold into the narrower side. The same choice keeps the least
+        # for backward (a T x r activation, or an r x out / r x in weight). The scale rides on the sum
+        # (add with alpha): four operators, as many as PEFT LoRA's B(A x) * s + result, and no module calls.
         in_features, out_features = lora_a.in_features, lora_b.out_features
         weight_a, weight_b = lora_a.weight, lora_b.weight
         tokens = x.numel() // in_features
@@ -160,11 +159,11 @@ def delta_weight_from_factors(
 
 
 class MoSLoRALinear(_MoSLoRAMixin, peft_lora_layer.Linear):
-    """PEFT ``lora.Linear`` whose MoSLoRA adapters carry an r x r mixer."""
+    """PEFT ``lora.Linear`` whose MoSLoRA adapters carry an r x r mixer: y = W0 x + s * B M A x."""
 
 
 class MoSLoRAConv2d(_MoSLoRAMixin, peft_lora_layer.Conv2d):
-    """PEFT ``lora.Conv2d`` whose MoSLoRA adapters carry an r x r mixer (kernel on A, 1x1 on B)."""
+    """PEFT ``lora.Conv2d`` whose MoSLoRA adapters carry an r x r mixer (kernel on A, 1x1 on B, M A folded)."""
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         if getattr(config, "use_moslora", False) and self.get_base_layer().groups != 1:

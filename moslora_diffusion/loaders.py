@@ -21,28 +21,70 @@ from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .clip_names import with_clip_root, without_clip_root
 from .config import MOSLORA_ONLY_FIELDS, MoSLoRAConfig
 from .families import Family, family_of_model_dir, family_of_pipeline
 from .fileio import save_safetensors
-from .formats import (
-    DIFFUSERS_WEIGHT_NAME,
-    FACTOR_SUFFIXES,
+from .formats.diffusers import diffusers_state_dict
+from .formats.files import DIFFUSERS_WEIGHT_NAME, read_adapter_file, write_adapter_files
+from .formats.names import FACTOR_SUFFIXES
+from .formats.state import (
     AdapterState,
     ComponentAdapter,
     LayerFactors,
     as_moslora_state,
-    canonical_module_path,
     component_config_from_peft,
-    diffusers_state_dict,
-    find_adapter_file,
-    model_module_path,
-    read_adapter_file,
-    resolve_kohya_names,
-    write_adapter_files,
+    infer_component_config,
 )
 from .inject import add_moslora
 
 logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Module names: checkpoint names in files, a live model's own names in memory
+
+
+def _is_flattened_clip(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("CLIPText") and not hasattr(model, "text_model")
+
+
+def canonical_module_path(model: nn.Module, path: str) -> str:
+    """The name of ``model``'s module ``path`` in files (CLIP keeps its "text_model." root)."""
+    return with_clip_root(path) if _is_flattened_clip(model) else path
+
+
+def model_module_path(model: nn.Module, path: str) -> str:
+    """Inverse of :func:`canonical_module_path`: the name ``model`` itself uses."""
+    return without_clip_root(path) if _is_flattened_clip(model) else path
+
+
+def resolve_kohya_names(state: AdapterState, models: dict[str, nn.Module]) -> AdapterState:
+    """Match kohya stems (dots lost) to the module paths of ``models`` (component -> model)."""
+    components = {}
+    for component, adapter in state.components.items():
+        if adapter.resolved:
+            components[component] = adapter
+            continue
+        model = models.get(component)
+        if model is None:
+            first = min(layer.source_key for layer in adapter.layers.values())
+            raise ValueError(f"{state.source_path}: {first!r} adapts {component}, which this pipeline does not have")
+        by_stem = {}
+        for name, _ in model.named_modules():
+            canonical = canonical_module_path(model, name)
+            by_stem[canonical.replace(".", "_")] = canonical
+        layers = {}
+        for stem in sorted(adapter.layers, key=lambda s: adapter.layers[s].source_key):
+            layer = adapter.layers[stem]
+            if stem not in by_stem:
+                raise ValueError(
+                    f"{state.source_path}: {layer.source_key!r} names no module of this pipeline's {component}; "
+                    "the file was made for another model"
+                )
+            layers[by_stem[stem]] = layer
+        components[component] = ComponentAdapter(infer_component_config(layers), layers, resolved=True)
+    return replace(state, components=components)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,10 +180,11 @@ def load_moslora_weights(
     ``load_lora_weights``, so it composes with other LoRAs under ``set_adapters``. ``trainable=True``
     rebuilds MoSLoRA layers with a trainable mixer instead (from a native file exactly; from a folded or
     kohya file with M = I), for resuming and further training. A folder is searched for the native
-    file first, then the folded and kohya files; ``weight_name`` picks one.
+    file first, then the folded and kohya files; ``weight_name`` picks one. A training ``checkpoint-N``
+    folder loads as the native adapter it holds.
     """
-    path = find_adapter_file(path_or_dir, weight_name)
-    state = read_adapter_file(path)
+    state = read_adapter_file(path_or_dir, weight_name)
+    path = state.source_path
     family = family_of_pipeline(pipe)
     models = {name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None}
     state = fit_adapter_to_models(state, models, family)
@@ -226,7 +269,7 @@ def _load_folded(pipe, state: AdapterState, models: dict[str, nn.Module], adapte
 
 def _with_exact_targets(adapter: ComponentAdapter) -> ComponentAdapter:
     # Without CLIP's "text_model." root, the names match with or without it (as infer_component_config writes them).
-    targets = sorted(p.removeprefix("text_model.") for p in adapter.layers)
+    targets = sorted(without_clip_root(p) for p in adapter.layers)
     return replace(adapter, config=dict(adapter.config, target_modules=targets))
 
 
@@ -301,9 +344,12 @@ def check_adapter_file(path_or_dir: str | os.PathLike, pretrained_model_name_or_
 
 __all__ = [
     "adapter_state_from_pipeline",
+    "canonical_module_path",
     "check_adapter_file",
     "fit_adapter_to_models",
     "load_moslora_weights",
+    "model_module_path",
     "pipeline_skeleton",
+    "resolve_kohya_names",
     "save_moslora_weights",
 ]

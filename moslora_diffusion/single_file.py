@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .clip_names import with_clip_root
+from .families import FAMILIES
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -171,13 +174,9 @@ def _vae_rules(keys: list[str], config: Mapping) -> list[Rule]:
 # Text encoders: CLIP in transformers' names (kept as they are) and OpenCLIP (inverse of convert_open_clip_checkpoint)
 
 
-def _clip_key(key: str) -> str:
-    """transformers >= 5.6 saves CLIPTextModel without its ``text_model.`` level; single files keep it."""
-    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
-
-
 def _clip_rules(keys: list[str], config: Mapping) -> list[Rule]:
-    return [(r"(?:text_model\.)?(.+)", lambda m: _clip_key(m.group(0)))]
+    # transformers >= 5.6 saves CLIPTextModel without its ``text_model.`` level; single files keep it.
+    return [(r"(?:text_model\.)?(.+)", lambda m: with_clip_root(m.group(0)))]
 
 
 def _open_clip_rules(keys: list[str], config: Mapping) -> list[Rule]:
@@ -286,27 +285,9 @@ _RULES = {
     "flux": _flux_rules,
 }
 
+# family name -> (component, rules, key prefix in the single file); each family declares its own.
 SINGLE_FILE_LAYOUTS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "sd15": (
-        ("unet", "unet", "model.diffusion_model."),
-        ("vae", "vae", "first_stage_model."),
-        ("text_encoder", "clip", "cond_stage_model.transformer."),
-    ),
-    "sd2": (
-        ("unet", "unet", "model.diffusion_model."),
-        ("vae", "vae", "first_stage_model."),
-        ("text_encoder", "open_clip", "cond_stage_model.model."),
-    ),
-    "sdxl": (
-        ("unet", "unet", "model.diffusion_model."),
-        ("vae", "vae", "first_stage_model."),
-        ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
-        ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
-    ),
-    # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.
-    "sd3": (("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model.")),
-    # As flux1-dev.safetensors: the transformer alone, with bare names.
-    "flux": (("transformer", "flux", ""),),
+    name: family.single_file_layout for name, family in FAMILIES.items()
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import runpy
@@ -16,7 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.cli import SUBCOMMANDS, main
-from moslora_diffusion.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, NATIVE_WEIGHT_NAME, read_adapter_file
+from moslora_diffusion.formats import (
+    CHECKPOINT_CONFIG_KEY,
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    NATIVE_WEIGHT_NAME,
+    WEIGHT_NAMES,
+    component_config_from_peft,
+    read_adapter_file,
+)
 from moslora_diffusion.loaders import save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, save_tiny_pipeline
 
@@ -24,7 +33,8 @@ Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory) -> Path:
+def adapter_pipe():
+    """A tiny SD 1.5 pipeline with MoSLoRA adapters on the UNet and the (flattened) CLIP text encoder."""
     pipe = make_tiny_pipeline("sd15")
     add_moslora(pipe.unet, MoSLoRAConfig(r=4, lora_alpha=6))
     add_moslora(pipe.text_encoder, MoSLoRAConfig(r=2, lora_alpha=2, mixer_init="orthogonal"))
@@ -34,9 +44,34 @@ def adapter_dir(tmp_path_factory) -> Path:
             for name, param in model.named_parameters():
                 if ".lora_B." in name:
                     param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, adapter_pipe) -> Path:
     directory = tmp_path_factory.mktemp("adapter")
-    save_moslora_weights(pipe, directory, base_model="tiny/sd15")
+    save_moslora_weights(adapter_pipe, directory, base_model="tiny/sd15")
     return directory
+
+
+def write_training_checkpoint(pipe, folder: Path, with_config: bool = True) -> Path:
+    """A ``checkpoint-N`` folder as the trainer writes it: PEFT parameter names (adapter "default"), each
+    component's config in "moslora.config" (absent in checkpoints of earlier versions), training_state.json."""
+    folder.mkdir(parents=True)
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component)
+        tensors = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+        config = {CHECKPOINT_CONFIG_KEY: json.dumps(component_config_from_peft(model.peft_config["default"]))}
+        save_file(tensors, str(folder / f"adapter_{component}.safetensors"), metadata=config if with_config else None)
+    state = {"step": 2, "seed": 0, "family": "sd15", "base_model": "tiny/sd15"}
+    (folder / "training_state.json").write_text(json.dumps(state))
+    (folder / "optimizer.bin").write_bytes(b"")  # beside the adapters, as accelerate writes it; never read
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, adapter_pipe) -> Path:
+    return write_training_checkpoint(adapter_pipe, tmp_path_factory.mktemp("run") / "checkpoint-2")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +245,116 @@ def test_module_entry_points(capsys, tmp_path, monkeypatch):
     assert_one_line_error(2, capsys.readouterr().err, str(bad))
     result = subprocess.run([sys.executable, "-m", "moslora_diffusion", "inspect", str(bad)], capture_output=True, text=True, timeout=300)
     assert_one_line_error(result.returncode, result.stderr, str(bad))
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults and flags as the README shows them
+
+
+def test_resize_without_output_dir_writes_beside_the_adapter_and_never_over_it(capsys, adapter_dir, tmp_path):
+    source = tmp_path / "sks"
+    source.mkdir()
+    (source / NATIVE_WEIGHT_NAME).write_bytes((adapter_dir / NATIVE_WEIGHT_NAME).read_bytes())
+    before = (source / NATIVE_WEIGHT_NAME).read_bytes()
+    code, out, _ = run_cli(capsys, "resize", source, "--rank", 1)
+    assert code == 0, out
+    output = tmp_path / "sks-rank1"
+    assert sorted(p.name for p in output.iterdir()) == sorted(WEIGHT_NAMES.values())
+    assert str(output / NATIVE_WEIGHT_NAME) in out
+    # The same default from the file itself; an existing output needs --overwrite; the input is never the output.
+    code, _, err = run_cli(capsys, "resize", source / NATIVE_WEIGHT_NAME, "--rank", 1)
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert run_cli(capsys, "resize", source / NATIVE_WEIGHT_NAME, "--rank", 1, "--overwrite")[0] == 0
+    code, _, err = run_cli(capsys, "resize", source, "--rank", 1, "--output_dir", source, "--overwrite")
+    assert_one_line_error(code, err, "the adapter's own folder")
+    assert sorted(p.name for p in source.iterdir()) == [NATIVE_WEIGHT_NAME]
+    assert (source / NATIVE_WEIGHT_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["inspect", "ADAPTER", "--jso"], "--json"),
+        (["resize", "ADAPTER", "--ran", "1"], "--rank"),
+        (["export", "ADAPTER", "--overwrit"], "--overwrite"),
+        (["merge", "--bas", "x", "--adapter", "y", "--output", "z"], "--base"),
+    ],
+)
+def test_abbreviated_flags_are_refused_with_a_did_you_mean(capsys, adapter_dir, argv, hint):
+    argv = [str(adapter_dir) if a == "ADAPTER" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"({argv[2] if argv[0] != 'merge' else '--bas'}: did you mean {hint}?)" in err
+
+
+def test_no_subcommand_parser_matches_prefixes():
+    from moslora_diffusion.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert not parser.allow_abbrev
+    assert all(not sub.allow_abbrev for sub in subparsers.choices.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def test_a_training_checkpoint_reads_as_its_native_adapter(capsys, adapter_dir, checkpoint_dir):
+    native = _deltas(adapter_dir)
+    for path in (checkpoint_dir, checkpoint_dir / "adapter_unet.safetensors"):
+        state = read_adapter_file(path)
+        assert state.source_format == "checkpoint" and state.family == "sd15" and state.base_model == "tiny/sd15"
+        deltas = {f"{c}.{p}": layer.delta_weight() for c, p, layer in state.layer_items()}
+        # CLIP's modules get their checkpoint names (text_model. root), as in the native file.
+        assert deltas.keys() == (native.keys() if path.is_dir() else {k for k in native if k.startswith("unet.")})
+        for key, delta in deltas.items():
+            torch.testing.assert_close(delta, native[key], rtol=0, atol=0)
+    code, out, _ = run_cli(capsys, "inspect", checkpoint_dir, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["format"] == "checkpoint" and set(report["components"]) == {"unet", "text_encoder"}
+    assert report["components"]["text_encoder"]["mixer"] == "orthogonal"
+
+
+def test_export_resize_and_merge_read_a_training_checkpoint(capsys, adapter_dir, checkpoint_dir, tmp_path):
+    from moslora_diffusion.merge import merge_adapters
+
+    native = _deltas(adapter_dir)
+    assert run_cli(capsys, "export", checkpoint_dir, "--output_dir", tmp_path / "exported")[0] == 0
+    for name in (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        assert (tmp_path / "exported" / name).is_file()
+    exported = _deltas(tmp_path / "exported" / DIFFUSERS_WEIGHT_NAME)
+    for key, delta in exported.items():
+        torch.testing.assert_close(delta, native[key], rtol=1e-5, atol=1e-7)
+    code, out, _ = run_cli(capsys, "resize", checkpoint_dir, "--rank", 1)
+    assert code == 0 and (checkpoint_dir.parent / "checkpoint-2-rank1" / NATIVE_WEIGHT_NAME).is_file(), out
+    from_checkpoint = merge_adapters(make_tiny_pipeline("sd15"), [checkpoint_dir])
+    from_native = merge_adapters(make_tiny_pipeline("sd15"), [adapter_dir])
+    for key, value in from_native.unet.state_dict().items():
+        assert torch.equal(from_checkpoint.unet.state_dict()[key], value), key
+
+
+def test_an_old_checkpoint_says_which_files_to_use(capsys, adapter_pipe, tmp_path):
+    old = write_training_checkpoint(adapter_pipe, tmp_path / "run" / "checkpoint-600", with_config=False)
+    for command in (["inspect", old], ["export", old], ["resize", old, "--rank", 1]):
+        code, _, err = run_cli(capsys, *command)
+        assert_one_line_error(code, err, "training checkpoint", str(tmp_path / "run" / NATIVE_WEIGHT_NAME))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata describes the file as it is
+
+
+def test_inspect_after_resize_reports_the_identity_mixer(capsys, adapter_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "inspect", adapter_dir, "--json")
+    assert json.loads(out)["components"]["unet"]["mixer"] == "kaiming"
+    assert run_cli(capsys, "resize", adapter_dir, "--rank", 1, "--output_dir", tmp_path / "r1")[0] == 0
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r1", "--json")
+    report = json.loads(out)
+    assert {info["mixer"] for info in report["components"].values()} == {"identity"}
+    assert all(stats["distance_from_identity"] == 0 for stats in report["layers"].values())
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r1")
+    assert "mixer identity" in out and "kaiming" not in out and "orthogonal" not in out

@@ -48,11 +48,15 @@ from moslora_diffusion.formats import (
     DIFFUSERS_WEIGHT_NAME,
     FORMATS,
     KOHYA_WEIGHT_NAME,
-    model_module_path,
     parse_adapter_state_dict,
     read_adapter_file,
 )
-from moslora_diffusion.loaders import fit_adapter_to_models, load_moslora_weights, save_moslora_weights
+from moslora_diffusion.loaders import (
+    fit_adapter_to_models,
+    load_moslora_weights,
+    model_module_path,
+    save_moslora_weights,
+)
 from moslora_diffusion.merge import merge_adapters
 from moslora_diffusion.testing import make_tiny_pipeline
 

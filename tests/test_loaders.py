@@ -22,6 +22,7 @@ from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
+from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, TRANSFORMER_FAMILIES
 
 ATOL = 1e-4  # fp32 images in [0, 1]
 
@@ -115,7 +116,7 @@ def test_stock_diffusers_picks_the_folded_file_from_the_folder(saved):
     assert _best_guess_weight_name(str(directory)) == DIFFUSERS_WEIGHT_NAME
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])  # diffusers has no reader for SD3 kohya-style files
+@pytest.mark.parametrize("family", DIFFUSERS_KOHYA_FAMILIES)
 def test_stock_diffusers_loads_the_kohya_file(saved, family):
     s = saved(family)
     pipe = make_tiny_pipeline(family)
@@ -293,7 +294,7 @@ def _checkpoint_param_name(model: nn.Module, name: str) -> str:
     return f"text_model.{name}" if flattened_clip else name
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", CLIENT_FAMILIES)
 def test_comfyui_loads_the_kohya_file(saved, family, caplog):
     comfy = _import_comfy()
     s = saved(family)
@@ -332,7 +333,7 @@ class _WithTextModel(nn.Module):
         self.text_model = text_encoder
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", CLIENT_FAMILIES)
 def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     # LyCORIS 4.1.3's default training preset targets time_embedding twice on a diffusers UNet (by class
@@ -350,7 +351,7 @@ def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
     assert_images_equal(images(pipe, family), s.live)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
 def test_sd3_and_flux_kohya_files_follow_comfyuis_onetrainer_key_rule(saved, family):
     """ComfyUI (comfy/lora.py, model_lora_keys_unet / _clip) maps, for SD3 and Flux,
     "lora_transformer_" + <diffusers module name, dots as _> to the transformer and lora_te1_ / lora_te2_ +

@@ -367,12 +367,12 @@ def test_sharded_base_stays_sharded(tiny_base, lora_file, tmp_path):
 
 @pytest.mark.parametrize("output_name", ["out", "out.safetensors"])
 def test_failure_midway_leaves_nothing_and_keeps_the_old_output(output_name, tiny_base, lora_file, tmp_path, monkeypatch, capsys):
-    import moslora_diffusion.merge as merge
+    from moslora_diffusion.merge.base_weights import MergedTensors
 
     base, output = tiny_base("sd15"), tmp_path / output_name
     argv = ["--base", str(base), "--adapter", str(lora_file("sd15")), "--output", str(output)]
     calls = {"n": 0}
-    real_read = merge._MergedTensors.read
+    real_read = MergedTensors.read
 
     def failing_read(self, component, key):
         calls["n"] += 1
@@ -380,7 +380,7 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_output(output_name, tin
             raise OSError(28, "No space left on device")
         return real_read(self, component, key)
 
-    monkeypatch.setattr(merge._MergedTensors, "read", failing_read)
+    monkeypatch.setattr(MergedTensors, "read", failing_read)
     capsys.readouterr()
     assert merge_main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -388,11 +388,11 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_output(output_name, tin
     assert_no_partial_output(output)
 
     # With --overwrite, a failure leaves the previous output as it was.
-    monkeypatch.setattr(merge._MergedTensors, "read", real_read)
+    monkeypatch.setattr(MergedTensors, "read", real_read)
     assert merge_main(argv) == 0
     before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     calls["n"] = 0
-    monkeypatch.setattr(merge._MergedTensors, "read", failing_read)
+    monkeypatch.setattr(MergedTensors, "read", failing_read)
     assert merge_main([*argv, "--overwrite"]) == 2
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 

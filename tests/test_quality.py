@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +55,18 @@ def test_quick_mode_trains_and_scores_every_method(tmp_path):
         assert math.isfinite(runs[0]["final_loss"])
         assert len(report["losses"][method][0]) == 4  # one logged loss per step
     assert (tmp_path / "quality.png").stat().st_size > 0
+    # Paths inside the repository are recorded relative to it (the same on every checkout); others as given.
+    assert report["args"]["base"] == "samples/tiny-base" and report["args"]["subject"] == "samples/subject"
+    assert report["args"]["output_dir"] == str(tmp_path)
     assert "| moslora (" in (tmp_path / "results.md").read_text()
+
+
+def test_results_record_repository_paths_relative_to_it():
+    assert quality.repo_relative(str(quality.REPO / "samples" / "tiny-base")) == "samples/tiny-base"
+    assert quality.repo_relative("/elsewhere/base") == "/elsewhere/base"
+    assert quality.repo_relative(4) == 4
+    recorded = json.loads((quality.REPO / "benchmarks" / "results" / "quality" / "results.json").read_text())
+    assert not any(isinstance(v, str) and os.path.isabs(v) for v in recorded["args"].values())
 
 
 def test_bad_base_is_one_line_error(tmp_path, capsys):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from family_sets import ALL_FAMILIES as FAMILIES
 from moslora_diffusion.testing import (
-    FAMILIES,
     default_tiny_resolution,
     make_test_images,
     make_tiny_pipeline,

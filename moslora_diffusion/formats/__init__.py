@@ -1,0 +1,100 @@
+"""Adapter files: the native MoSLoRA layout, the folded diffusers and kohya layouts, and their checks.
+
+One adapted module holds delta W = s * B M A. Each layout is one module that knows its own format
+(tensor keys, metadata, reader and writer):
+
+    native     (native.py)    A, M, B unfolded; a versioned JSON header "moslora"
+    diffusers  (diffusers.py) A and B' = B M (the mixer folded: exact); "lora_adapter_metadata"
+    kohya      (kohya.py)     kohya key renaming: lora_down = A, lora_up = B M, alpha = s * r; webui's ss_* card
+
+and around them: state.py (the adapter in memory), names.py (the one key-suffix table, metadata keys),
+checks.py (validation, layout detection), files.py (file names, find / read / write), checkpoint.py
+(a training checkpoint folder read as a native adapter), resize.py (rank reduction, mixer statistics).
+
+Module paths in files are checkpoint names: a CLIP text model keeps its ``text_model.`` root even where
+transformers 5 flattens it away (every LoRA tool expects it). This package works on tensors and metadata
+only; :mod:`moslora_diffusion.loaders` matches adapters against live models and applies them to pipelines.
+"""
+
+from .checkpoint import CHECKPOINT_CONFIG_KEY, read_training_checkpoint, training_checkpoint_folder
+from .checks import (
+    LORA_DTYPES,
+    check_adapter_tensor,
+    check_component_config,
+    detect_format,
+    has_only_adapter_keys,
+    validate_adapter_state_dict,
+)
+from .diffusers import diffusers_state_dict, folded_lora_b, plain_lora_config_kwargs
+from .files import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    NATIVE_WEIGHT_NAME,
+    WEIGHT_NAMES,
+    find_adapter_file,
+    layout_state_dict,
+    parse_adapter_state_dict,
+    read_adapter_file,
+    write_adapter_files,
+)
+from .kohya import kohya_metadata, kohya_prefix, kohya_stem, kohya_state_dict
+from .names import DIFFUSERS_METADATA_KEY, FACTOR_SUFFIXES, FORMATS, NATIVE_HEADER_KEY
+from .native import FORMAT_VERSION, native_state_dict
+from .resize import ResizeReport, mixer_statistics, resize_adapter
+from .state import (
+    CONFIG_FIELDS,
+    AdapterState,
+    ComponentAdapter,
+    LayerFactors,
+    as_moslora_state,
+    component_config_from_peft,
+    config_rank,
+    config_scale,
+    infer_component_config,
+)
+
+__all__ = [
+    "CHECKPOINT_CONFIG_KEY",
+    "CONFIG_FIELDS",
+    "DIFFUSERS_METADATA_KEY",
+    "DIFFUSERS_WEIGHT_NAME",
+    "FACTOR_SUFFIXES",
+    "FORMATS",
+    "FORMAT_VERSION",
+    "KOHYA_WEIGHT_NAME",
+    "LORA_DTYPES",
+    "NATIVE_HEADER_KEY",
+    "NATIVE_WEIGHT_NAME",
+    "WEIGHT_NAMES",
+    "AdapterState",
+    "ComponentAdapter",
+    "LayerFactors",
+    "ResizeReport",
+    "as_moslora_state",
+    "check_adapter_tensor",
+    "check_component_config",
+    "component_config_from_peft",
+    "config_rank",
+    "config_scale",
+    "detect_format",
+    "diffusers_state_dict",
+    "find_adapter_file",
+    "folded_lora_b",
+    "has_only_adapter_keys",
+    "infer_component_config",
+    "kohya_metadata",
+    "kohya_prefix",
+    "kohya_state_dict",
+    "kohya_stem",
+    "layout_state_dict",
+    "mixer_statistics",
+    "native_state_dict",
+    "parse_adapter_state_dict",
+    "plain_lora_config_kwargs",
+    "read_adapter_file",
+    "read_training_checkpoint",
+    "resize_adapter",
+    "training_checkpoint_folder",
+    "validate_adapter_state_dict",
+    "write_adapter_files",
+]

@@ -1,0 +1,113 @@
+"""Adapter files on disk: their standard names, finding one in a folder, reading any layout, writing several.
+
+    moslora_weights.safetensors               native (:mod:`.native`)
+    pytorch_lora_weights.safetensors          folded diffusers (:mod:`.diffusers`)
+    pytorch_lora_weights_kohya.safetensors    folded kohya (:mod:`.kohya`)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..fileio import load_safetensors, save_safetensors
+from .checkpoint import read_training_checkpoint, training_checkpoint_folder
+from .checks import detect_format, validate_adapter_state_dict
+from .diffusers import diffusers_state_dict, parse_diffusers
+from .kohya import kohya_state_dict, parse_kohya
+from .names import FORMATS
+from .native import native_state_dict, parse_native
+from .state import AdapterState
+
+NATIVE_WEIGHT_NAME = "moslora_weights.safetensors"
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what stock load_lora_weights(dir) picks
+# Must not end in "pytorch_lora_weights.safetensors", or stock load_lora_weights(dir) could pick it.
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+WEIGHT_NAMES = {"native": NATIVE_WEIGHT_NAME, "diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
+
+_PARSERS = {"native": parse_native, "diffusers": parse_diffusers, "kohya": parse_kohya}
+
+
+def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None, prefer: str = "native") -> Path:
+    """The adapter file ``path_or_dir`` names: the file itself, or in a folder ``weight_name``, else the
+    ``prefer``red layout's file, else any other of our three, else the folder's only .safetensors file."""
+    path = Path(path_or_dir)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if weight_name is not None:
+        file = path / weight_name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file (weight_name={weight_name!r})")
+        return file
+    order = [prefer] + [f for f in FORMATS if f != prefer]
+    for fmt in order:
+        if (path / WEIGHT_NAMES[fmt]).is_file():
+            return path / WEIGHT_NAMES[fmt]
+    candidates = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return path / candidates[0]
+    raise FileNotFoundError(
+        f"{path}: no adapter file found (looked for {', '.join(WEIGHT_NAMES.values())}; "
+        f"found {', '.join(candidates) or 'no .safetensors files'}); pass weight_name"
+    )
+
+
+def read_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None) -> AdapterState:
+    """Read, validate and parse an adapter file of any of the three layouts, or a training checkpoint
+    (a ``checkpoint-N`` folder or one of its ``adapter_<component>.safetensors``)."""
+    if weight_name is None and training_checkpoint_folder(path_or_dir) is not None:
+        return read_training_checkpoint(path_or_dir)
+    path = find_adapter_file(path_or_dir, weight_name)
+    tensors, metadata = load_safetensors(path)
+    return parse_adapter_state_dict(tensors, metadata, path)
+
+
+def parse_adapter_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> AdapterState:
+    """Validate ``tensors``, detect their layout and parse them with that layout's reader."""
+    validate_adapter_state_dict(tensors, path)
+    fmt = detect_format(tensors, metadata, path)
+    state = _PARSERS[fmt](tensors, metadata or {}, path)
+    state.source_format, state.source_path = fmt, Path(path)
+    return state
+
+
+def layout_state_dict(state: AdapterState, layout: str, title: str | None = None):
+    """Tensors and metadata of ``state`` in ``layout`` ("native", "diffusers" or "kohya")."""
+    if layout == "native":
+        return native_state_dict(state)
+    if layout == "diffusers":
+        return diffusers_state_dict(state)
+    if layout == "kohya":
+        return kohya_state_dict(state, title)
+    raise ValueError(f"unknown adapter layout {layout!r}; expected one of {', '.join(FORMATS)}")
+
+
+def write_adapter_files(
+    state: AdapterState,
+    directory: str | os.PathLike,
+    layouts: tuple[str, ...] = FORMATS,
+    title: str | None = None,
+    overwrite: bool = True,
+) -> dict[str, Path]:
+    """Write ``state`` in each of ``layouts`` under its standard name in ``directory``; layout -> path.
+
+    Every state dict is built (and checked) before the first byte is written; each file is written
+    atomically (a temporary name, then a rename).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    title = title or directory.resolve().name
+    built = {layout: layout_state_dict(state, layout, title) for layout in layouts}
+    targets = {layout: directory / WEIGHT_NAMES[layout] for layout in layouts}
+    if not overwrite:
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    for layout, (tensors, metadata) in built.items():
+        save_safetensors(tensors, targets[layout], metadata)
+    return targets

@@ -1,0 +1,17 @@
+"""The model families the tests run over: one table, and the subsets named for what they share.
+
+A parametrize list names one of these instead of restating family names, so a family added to
+:mod:`moslora_diffusion.families` is tested everywhere it belongs.
+"""
+
+from moslora_diffusion.families import FAMILIES
+
+ALL_FAMILIES = tuple(FAMILIES)  # sd15, sd2, sdxl, sd3, flux
+UNET_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "unet")  # sd15, sd2, sdxl
+TRANSFORMER_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "transformer")
+# Single files in the LDM layout, which diffusers' StableDiffusionPipeline.from_single_file reads: sd15, sd2.
+LDM_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.pipeline_class == "StableDiffusionPipeline")
+# The webui-side clients (ComfyUI, LyCORIS) are checked on one UNet family of each generation.
+CLIENT_FAMILIES = ("sd15", "sdxl")
+# Kohya-style files stock diffusers reads: it has no reader for SD3's.
+DIFFUSERS_KOHYA_FAMILIES = ("sd15", "sdxl", "flux")
