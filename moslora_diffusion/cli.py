@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _warnings  # noqa: F401  (library notices that are not the user's concern)
+
 EXIT_USAGE = 2
 
 

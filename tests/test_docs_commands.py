@@ -127,11 +127,11 @@ def test_documented_command_runs_as_written(where, command, fixtures, tmp_path, 
     for i, argv in enumerate(runnable_forms(command)):
         if argv[0] == "train":
             # The real parser, --config files resolved from the repository root; no training.
-            from moslora_diffusion.training.args import parse_args
+            from moslora_diffusion.training.run_inputs import parse_run
 
             monkeypatch.chdir(REPO)
             try:
-                parse_args(argv[1:], prog="moslora train")
+                parse_run(argv[1:], prog="moslora train")
             except SystemExit as exit_info:
                 assert exit_info.code == 0, f"{where}: {command!r} -> {capsys.readouterr().err}"
             continue
