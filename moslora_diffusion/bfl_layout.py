@@ -11,7 +11,8 @@ exactly into a fused module:
     alpha = s R, so alpha / R = s and (alpha / R) up down = [s_1 B_1 A_1; s_2 B_2 A_2; ...]
 
 with B_i already B_i M_i and c_i = s_i / s, s the most common part scale. The files we write fold s
-into up as well (alpha = R): diffusers 0.42's reader of these files ignores the final layer's alpha. :func:`split_fused` undoes it
+into up as well (alpha = R): diffusers 0.42's reader of these files ignores the final layer's alpha.
+:func:`split_fused` undoes it
 when ``up`` is block-diagonal; a fused adapter trained as one (a shared down) is no per-projection
 adapter, and is refused unless the caller accepts each projection getting the whole rank-R down.
 
@@ -31,7 +32,12 @@ from .formats import kohya_stem
 # The kohya prefix of each component in sd-scripts' files (lora_flux.py / lora_sd3.py LORA_PREFIX_*).
 SD_SCRIPTS_PREFIXES = {
     "flux": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
-    "sd3": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"},
+    "sd3": {
+        "transformer": "lora_unet",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+        "text_encoder_3": "lora_te3",
+    },
 }
 
 
@@ -207,7 +213,8 @@ def split_fused(
     for part, block in blocks.items():
         if not bool(used[part].any()):
             continue
-        columns = torch.arange(down.shape[0]) if allow_shared_down and bool(shared.any()) else used[part].nonzero()[:, 0]
+        whole = allow_shared_down and bool(shared.any())
+        columns = torch.arange(down.shape[0]) if whole else used[part].nonzero()[:, 0]
         layers[part] = Factors(down[columns], block[:, columns], scale)
     return layers
 
@@ -240,14 +247,15 @@ def sd_scripts_state_dict(
             if not module.sd_scripts_writes:
                 raise ValueError(
                     f"the adapter on {module.parts[0]!r} ({family} {module.name}) has no place in sd-scripts' layout "
-                    "(sd-scripts has no such module; diffusers drops it); write the OneTrainer layout (lora_transformer_)"
+                    "(sd-scripts has no such module; diffusers drops it); "
+                    "write the OneTrainer layout (lora_transformer_)"
                 )
             put(kohya_stem(prefixes["transformer"], module.name), *join_fused(module, denoiser_layers))
             unplaced -= set(module.parts)
     if unplaced:
         raise ValueError(
             f"{len(unplaced)} adapted transformer modules have no {family} original-model name "
-            f"(e.g. {sorted(unplaced)[0]!r}); write the OneTrainer layout (lora_transformer_) instead"
+            f"(e.g. {min(unplaced)!r}); write the OneTrainer layout (lora_transformer_) instead"
         )
     for component, layers in by_component.items():
         if component not in prefixes:

@@ -28,7 +28,10 @@ from moslora_diffusion.testing import make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT_ENCODERS = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
+TEXT_ENCODERS = {
+    "flux": ("text_encoder", "text_encoder_2"),
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+}
 T5 = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
 
 
@@ -95,7 +98,8 @@ def test_every_fused_delta_is_ours_stacked(adapted, family, preset):
             continue
         dims = module.dims or (ours[("transformer", module.parts[0])].shape[0],)
         in_features = s.file[f"{stem}.lora_down.weight"].shape[1]
-        expected = torch.cat([ours.get(("transformer", p), torch.zeros(d, in_features, dtype=torch.float64)) for p, d in zip(module.parts, dims)])
+        zeros = [torch.zeros(d, in_features, dtype=torch.float64) for d in dims]
+        expected = torch.cat([ours.get(("transformer", p), z) for p, z in zip(module.parts, zeros)])
         assert_relatively_close(fused_delta(s.file, stem), expected)
         checked += 1
     assert checked == len([k for k in stems if k.startswith("lora_unet_")])
@@ -118,7 +122,9 @@ def test_reading_splits_back_into_our_modules(adapted, family, preset):
     s = adapted(family, preset)
     read = read_sd_scripts_state_dict(s.file, family, s.config)
     ours = s.deltas()
-    denoiser = {("transformer", p): f.scale * (f.lora_B.double() @ f.lora_A.double()) for p, f in read["transformer"].items()}
+    denoiser = {
+        ("transformer", p): f.scale * (f.lora_B.double() @ f.lora_A.double()) for p, f in read["transformer"].items()
+    }
     assert denoiser.keys() == {m for m in ours if m[0] == "transformer"}
     for module, delta in denoiser.items():
         assert_relatively_close(delta, ours[module])

