@@ -1,0 +1,166 @@
+"""Single-file checkpoints as training and merge bases: the family from the keys, the components offline.
+
+Community fine-tunes are shared as one ``.safetensors`` file in the family's original layout
+(:mod:`moslora_diffusion.single_file`). A diffusers folder of the same family (``--base_config``) supplies
+what such a file lacks: every config, the tokenizers, the scheduler, and the weights of components the
+file does not hold (T5 and the CLIPs beside flux1-dev.safetensors or sd3_medium.safetensors).
+
+The family is read from key names, never from sizes, so tiny test models are recognised like real ones
+(diffusers' ``infer_diffusers_model_type`` compares widths and block counts of the released models):
+
+    flux   double_blocks.0.img_attn.qkv.weight (bare, or under model.diffusion_model.)
+    sd3    joint_blocks.0.x_block.attn.qkv.weight (bare, or under model.diffusion_model.)
+    sdxl   conditioner.embedders.* text encoders, or a UNet with label_emb (SDXL's added embeddings)
+    sd2    cond_stage_model.model.* (OpenCLIP), or a UNet with linear proj_in
+    sd15   cond_stage_model.transformer.* (CLIP), or a UNet with conv proj_in
+
+A "v_pred" key (what ComfyUI and our merge write) marks a v-prediction SD2 model. Pickled checkpoints
+(.ckpt, .pt, .bin) are refused: loading one can run any code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import UNUSED_COMPONENTS, family_of_model_dir
+from .single_file import SINGLE_FILE_LAYOUTS
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DENOISER_PREFIX = "model.diffusion_model."
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix(DENOISER_PREFIX)
+
+
+def detect_single_file_family(keys: set[str], proj_in_ndim: int | None = None) -> str:
+    """The family of a single-file checkpoint from its tensor names (see the module docstring).
+
+    ``proj_in_ndim`` is the number of dimensions of a UNet ``proj_in`` weight (2: linear, SD2; 4: conv,
+    SD1), needed only for a UNet-only file without text encoders.
+    """
+    bare = {_strip(k) for k in keys}
+    if "double_blocks.0.img_attn.qkv.weight" in bare:
+        return "flux"
+    if "joint_blocks.0.x_block.attn.qkv.weight" in bare:
+        return "sd3"
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{DENOISER_PREFIX}label_emb.0.0.weight" in keys:
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    if any(k.startswith(DENOISER_PREFIX + "input_blocks.") for k in keys) and proj_in_ndim is not None:
+        return "sd2" if proj_in_ndim == 2 else "sd15"
+    example = ", ".join(sorted(keys)[:3]) or "no tensors"
+    raise ValueError(
+        f"the single file's tensor names match no known family (SD1.x, SD2.x, SDXL, SD3, Flux; found e.g. {example})"
+    )
+
+
+def _check_safetensors(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: pickled checkpoints can run code when loaded; convert it to .safetensors first")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+
+
+def read_single_file_family(path: str | os.PathLike) -> tuple[str, bool]:
+    """(family, v_prediction marker present) of a ``.safetensors`` single file, reading its header only."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        proj_ins = (k for k in sorted(keys) if k.startswith(DENOISER_PREFIX) and k.endswith(".proj_in.weight"))
+        proj_in = next(proj_ins, None)
+        ndim = len(f.get_slice(proj_in).get_shape()) if proj_in else None
+    return detect_single_file_family(keys, ndim), "v_pred" in keys
+
+
+def _model_index(config_dir: Path) -> dict:
+    index = config_dir / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"--base_config {config_dir}: expected a diffusers folder with model_index.json")
+    return json.loads(index.read_text())
+
+
+def _load_clip(component_cls, config_dir: Path, component: str, kind: str, prefix: str, checkpoint: dict):
+    """A CLIP text encoder built from the config folder's config, its weights from the single file."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import AutoConfig
+
+    model = component_cls(AutoConfig.from_pretrained(config_dir, subfolder=component))
+    if kind == "clip":
+        state = sfu.convert_ldm_clip_checkpoint(checkpoint, prefix)
+    else:
+        state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
+    if not hasattr(model, "text_model"):  # transformers 5 flattens CLIPTextModel; the converters keep the root
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_single_file_components(
+    path: str | os.PathLike, base_config: str | os.PathLike
+) -> tuple[str, dict[str, Any], dict]:
+    """(family, components, model_index) of a single-file base, fully offline.
+
+    Components the file holds get their weights from it (denoiser and VAE through diffusers'
+    ``from_single_file`` with ``config=`` the folder; CLIPs through diffusers' converters); all others
+    come from ``base_config`` (a local diffusers folder of the same family). The scheduler of a file with
+    a "v_pred" marker predicts v.
+    """
+    import importlib
+
+    from safetensors.torch import load_file
+
+    path, config_dir = Path(path), Path(base_config)
+    family, v_prediction = read_single_file_family(path)
+    if not config_dir.is_dir():
+        raise ValueError(f"--base_config {config_dir}: expected a local diffusers folder of a {family} model")
+    model_index = _model_index(config_dir)
+    config_family = family_of_model_dir(config_dir).name
+    if config_family != family:
+        raise ValueError(
+            f"{path} is a {family} checkpoint but --base_config {config_dir} is a {config_family} model; "
+            f"give a {family} folder"
+        )
+    checkpoint = load_file(str(path))
+    keys = set(checkpoint)
+    in_file = {c: (kind, prefix) for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if _holds(keys, kind, prefix)}
+    components: dict[str, Any] = {}
+    for name, spec in model_index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            continue
+        library, class_name = spec
+        if name in UNUSED_COMPONENTS or library is None or class_name is None:
+            components[name] = None
+            continue
+        component_cls = getattr(importlib.import_module(library), class_name)
+        if name not in in_file:
+            kwargs = {"use_safetensors": True} if issubclass(component_cls, torch.nn.Module) else {}
+            components[name] = component_cls.from_pretrained(config_dir, subfolder=name, **kwargs)
+        elif in_file[name][0] in ("clip", "open_clip"):
+            components[name] = _load_clip(component_cls, config_dir, name, *in_file[name], checkpoint)
+        else:
+            components[name] = component_cls.from_single_file(str(path), config=str(config_dir), subfolder=name)
+    if v_prediction and components.get("scheduler") is not None:
+        components["scheduler"] = type(components["scheduler"]).from_config(
+            components["scheduler"].config, prediction_type="v_prediction"
+        )
+    return family, components, model_index
+
+
+def _holds(keys: set[str], kind: str, prefix: str) -> bool:
+    if kind in ("sd3", "flux"):  # the family was detected from its transformer, bare-named or prefixed
+        return True
+    return any(k.startswith(prefix) for k in keys)
