@@ -42,7 +42,8 @@ def start_processes(out: Path, *hooks: str) -> list[subprocess.Popen]:
                "LOCAL_WORLD_SIZE": str(WORLD_SIZE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # fmt: skip
         command = [sys.executable, str(REPO / "tests" / "reliability_trainer.py"), *hooks, "--", *argv]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        processes.append(subprocess.Popen(command, env=env, text=True, **pipes))
     return processes
 
 
@@ -66,7 +67,8 @@ def assert_complete(checkpoint: Path) -> None:
     assert read_training_state(checkpoint)["step"] == int(checkpoint.name.split("-")[1])
     assert load_file(checkpoint / "adapter_unet.safetensors")
     assert (checkpoint / "optimizer.bin").is_file()
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    rng_states = sorted(p.name for p in checkpoint.glob("random_states_*.pkl"))
+    assert rng_states == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
 @pytest.fixture
@@ -94,7 +96,8 @@ def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path, cleanu
     line = last_line(err)
     assert line.startswith(f"{PROG}: error: another process of this run (of 2) stopped, lost its connection"), line
     latest = latest_checkpoint(out)
-    assert latest is not None and f"the last complete checkpoint is {latest}: resume with --resume_from_checkpoint latest" in line
+    assert latest is not None
+    assert line.endswith(f"the last complete checkpoint is {latest}: resume with --resume_from_checkpoint latest")
     assert_complete(latest)
     assert not (out / LOCK_NAME).exists()
     assert not list(out.glob(".checkpoint-*"))
@@ -112,7 +115,8 @@ def test_the_main_process_failing_while_it_writes_a_checkpoint_stops_the_others(
     assert (main.returncode, other.returncode) == (1, 1), (main_err[-2000:], other_err[-2000:])
     assert time.monotonic() - failed < 60
     intact = f"the earlier checkpoints are intact (latest: {out / 'checkpoint-4'})"
-    assert last_line(main_err).startswith(f"{PROG}: error: could not write checkpoint-6 in '{out}' ([Errno 28] No space")
+    no_space = f"{PROG}: error: could not write checkpoint-6 in '{out}' ([Errno 28] No space left on device"
+    assert last_line(main_err).startswith(no_space)
     assert last_line(main_err).endswith(f"{intact}: make room, then rerun with --resume_from_checkpoint latest")
     assert last_line(other_err) == (
         f"{PROG}: error: could not write checkpoint-6 in '{out}' (the main process could not write its part: "

@@ -106,9 +106,10 @@ def adapter_config_metadata(model: nn.Module, adapter_name: str) -> dict[str, st
 def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Module], adapter_name: str) -> None:
     """Make ``save_state`` / ``load_state`` store only the adapters of the prepared ``components``.
 
-    The adapter is gathered whole when the model is sharded (FSDP, ZeRO-3: :mod:`.sharding`); there accelerate
-    saves and restores the sharded model and optimizer itself, and hands the load hook no model. ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model, whose
-    adapter ``adapter_name`` is saved with its settings as metadata.
+    ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model, whose
+    adapter ``adapter_name`` is saved with its settings as metadata. The adapter is gathered whole when the
+    model is sharded (FSDP, ZeRO-3: :mod:`.sharding`); there accelerate also saves and restores the sharded
+    model and optimizer itself, and hands the load hook no model.
     """
     names = {id(model): name for name, model in components.items()}
 
