@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path, dumps_metadata, load_safetensors, save_safetensors
+from .processes import describe_processes, failed_processes, is_collective_failure
+from .sharding import gather_adapter_state_dict
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
@@ -105,7 +107,9 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
     """Make ``save_state`` / ``load_state`` store only the adapters of the prepared ``components``.
 
     ``components`` maps a component name (``unet``, ``text_encoder``, ...) to its unwrapped model, whose
-    adapter ``adapter_name`` is saved with its settings as metadata.
+    adapter ``adapter_name`` is saved with its settings as metadata. The adapter is gathered whole when the
+    model is sharded (FSDP, ZeRO-3: :mod:`.sharding`); there accelerate also saves and restores the sharded
+    model and optimizer itself, and hands the load hook no model.
     """
     names = {id(model): name for name, model in components.items()}
 
@@ -114,10 +118,11 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
 
     def save_hook(models, weights, output_dir):
         for model in models:
+            tensors = gather_adapter_state_dict(accelerator, model)  # every process: a collective under sharding
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(model)
                 path = Path(output_dir) / f"adapter_{component_name(model)}.safetensors"
-                save_safetensors(adapter_state_dict(unwrapped), path, adapter_config_metadata(unwrapped, adapter_name))
+                save_safetensors(tensors, path, adapter_config_metadata(unwrapped, adapter_name))
         # Emptying ``weights`` stops accelerate from also writing the full (frozen) models.
         weights.clear()
 
@@ -140,7 +145,8 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, training_state: dict, total_limit: int | None) -> Path:
-    """``save_state`` into ``output_dir/checkpoint-<step>`` (complete or absent), then prune. All processes call it."""
+    """``save_state`` into ``output_dir/checkpoint-<step>`` (complete or absent), then prune. All processes call it;
+    when any process fails to write its part, every process raises (OSError naming the processes that failed)."""
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{final.name}.tmp"
@@ -148,15 +154,24 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, training_sta
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            with atomic_path(tmp / STATE_FILE) as state_tmp:
-                state_tmp.write_text(json.dumps(training_state, indent=2, sort_keys=True))
+        # Every process learns whether each wrote its part (a barrier too), so none is left waiting on one that failed.
+        try:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                with atomic_path(tmp / STATE_FILE) as state_tmp:
+                    state_tmp.write_text(json.dumps(training_state, indent=2, sort_keys=True))
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            if not is_collective_failure(err, accelerator.num_processes):
+                failed_processes(accelerator, True)  # the others are in the same all-reduce below
+            raise
+        failed = failed_processes(accelerator, False)
+        if failed:
+            whose = "its" if len(failed) == 1 else "their"
+            raise OSError(f"{describe_processes(failed)} could not write {whose} part: see {whose} message")
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what was written
         raise
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again (a resumed run): swap, never delete first
             old = output_dir / f".{final.name}.deleting"

@@ -185,6 +185,14 @@ class RunConfig:
     )
     allow_tf32: bool = flag(False, "Allow TF32 matmuls on Ampere GPUs.", group=_TRAINING)
     local_rank: int = flag(-1, argparse.SUPPRESS, group=_TRAINING)  # torch.distributed.launch passes it
+    ddp_timeout: int | None = flag(
+        None,
+        "Minutes a collective of a several-process run waits for every process before it fails (default: torch's, "
+        "10 for NCCL and 30 for gloo). A process that dies is noticed at once over gloo; NCCL may wait this long, "
+        "so lower it for multi-node runs where a lost node would otherwise hang the others.",
+        group=_TRAINING,
+        check="positive",
+    )
 
     # ---------------------------------------------------------------- objective
     snr_gamma: float | None = flag(

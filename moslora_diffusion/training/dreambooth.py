@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import MoSLoRAConfig
+from ..formats import write_adapter_files
 from .adapters import (
     ADAPTER_NAME,
     add_adapters,
@@ -54,8 +55,16 @@ from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, imag
 from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .model_card import ModelCard
 from .objectives import make_objective
+from .processes import (
+    RunPosition,
+    failed_processes,
+    is_collective_failure,
+    lost_process_message,
+    process_group_kwargs,
+)
 from .prior import generate_class_images
 from .run_inputs import RunInputs, may_replace_earlier_run
+from .sharding import adapter_state, gather_adapters
 from .train_log import LOG_NAME, TrainLog
 from .validation import generate_validation_images, log_validation, save_png
 
@@ -74,19 +83,35 @@ def train(config: RunConfig, inputs: RunInputs) -> Path:
             project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
         ),
         # SDXL and SD3 read CLIP's penultimate layer: the last layer's adapter gets no gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder),
+            *process_group_kwargs(config.ddp_timeout),
+        ],
     )
     _configure_logging(accelerator)
     lock = _lock_output_dir(accelerator, output_dir, may_replace_earlier_run(config, inputs.resume_checkpoint))
+    position = RunPosition()
     try:
         with InterruptRequests() as interrupts:
-            return _train(config, inputs, accelerator, output_dir, interrupts, started)
+            return _train(config, inputs, accelerator, output_dir, interrupts, started, position)
+    except RuntimeError as err:
+        if not is_collective_failure(err, accelerator.num_processes):
+            raise
+        # A process died (or a node was lost): one line and a non-zero exit, not a gloo / NCCL traceback.
+        message = lost_process_message(err, accelerator.num_processes, position.step, latest_checkpoint(output_dir))
+        raise TrainingStopped(message) from None
     finally:
         lock.release()
 
 
 def _train(
-    config: RunConfig, inputs: RunInputs, accelerator, output_dir: Path, interrupts: InterruptRequests, started: float
+    config: RunConfig,
+    inputs: RunInputs,
+    accelerator,
+    output_dir: Path,
+    interrupts: InterruptRequests,
+    started: float,
+    position: RunPosition,
 ) -> Path:
     # ---------------------------------------------------------------- setup
     seed = broadcast_object_list([config.seed])[0]  # the main process's, when each process drew its own
@@ -238,7 +263,7 @@ def _train(
         except ValueError as err:
             raise TrainingStopped(str(err)) from None
         accelerator.load_state(str(inputs.resume_checkpoint))
-        global_step = read_training_state(inputs.resume_checkpoint)["step"]
+        global_step = position.step = read_training_state(inputs.resume_checkpoint)["step"]
         logger.info("Resumed from %s at step %d", inputs.resume_checkpoint, global_step)
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(config, resolution, total_steps))
@@ -257,7 +282,7 @@ def _train(
         )
 
     def save(step: int) -> Path:
-        _check_adapter_finite(trained, step, divergence)
+        _check_adapter_finite(accelerator, trained, step, divergence)
         state = {"step": step, "seed": seed, "family": family.name, "base_model": config.pretrained_model_name_or_path}
         return _save_checkpoint(accelerator, state, config.checkpoints_total_limit, output_dir, step)
 
@@ -326,6 +351,7 @@ def _train(
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
+            position.step = global_step
             progress.update(1)
             diverged, interrupted = _step_status(accelerator, step_losses, interrupts)
             step_losses = []
@@ -356,20 +382,11 @@ def _train(
 
     # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
-    _check_adapter_finite(trained, global_step, divergence)
+    _check_adapter_finite(accelerator, trained, global_step, divergence)
+    written = _write_adapter_files(
+        accelerator, prepared_models, trained, family, output_dir, base_model=config.pretrained_model_name_or_path
+    )
     if accelerator.is_main_process:
-        from ..loaders import save_moslora_weights
-
-        try:
-            written = save_moslora_weights(
-                pipeline, output_dir, adapter_name=ADAPTER_NAME, base_model=config.pretrained_model_name_or_path
-            )
-        except OSError as err:
-            raise TrainingStopped(
-                f"could not write the adapter files to '{output_dir}' ({_reason(err)}); no file was left "
-                f"half-written and the checkpoints are intact (latest: {latest_checkpoint(output_dir) or 'none'}): "
-                "make room, then rerun with --resume_from_checkpoint latest"
-            ) from None
         images = validate(global_step, final=True)
         image_names = [save_png(image, output_dir / f"image_{i}.png").name for i, image in enumerate(images)]
         card = _model_card(
@@ -444,6 +461,32 @@ def _lock_output_dir(accelerator, output_dir: Path, may_replace_earlier_run: boo
     return lock
 
 
+def _write_adapter_files(
+    accelerator, prepared_models: dict, trained: dict, family, output_dir: Path, *, base_model: str
+) -> dict[str, Path]:
+    """The final adapter in the three layouts, gathered whole from every process (a collective under FSDP or
+    ZeRO-3) and written by the main process; a write that fails stops every process with one line."""
+    adapters = gather_adapters(accelerator, prepared_models)
+    written, failure = {}, None
+    if accelerator.is_main_process:
+        state = adapter_state(trained, adapters, family.name, ADAPTER_NAME, base_model)
+        try:
+            written = write_adapter_files(state, output_dir)
+        except OSError as err:
+            failure = _reason(err)
+        else:
+            modules = ", ".join(f"{c}: {len(a.layers)} modules" for c, a in state.components.items())
+            logger.info("Saved %s adapter %r (%s) to %s", family.name, ADAPTER_NAME, modules, output_dir)
+    if failed_processes(accelerator, failure is not None):
+        raise TrainingStopped(
+            f"{'' if failure else 'the main process '}could not write the adapter files to '{output_dir}' "
+            f"({failure or 'see its message'}); no file was left half-written and the checkpoints are intact "
+            f"(latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun with "
+            "--resume_from_checkpoint latest"
+        )
+    return written
+
+
 def _step_status(accelerator, step_losses: list[torch.Tensor], interrupts: InterruptRequests) -> tuple[bool, bool]:
     """(a loss of this step was not finite, Ctrl-C was pressed) on any process: all processes stop together."""
     losses = torch.stack(step_losses).float()
@@ -454,11 +497,13 @@ def _step_status(accelerator, step_losses: list[torch.Tensor], interrupts: Inter
     return diverged, interrupted
 
 
-def _check_adapter_finite(trained: dict, step: int, divergence) -> None:
-    """Never save NaN or infinite adapter weights (a finite loss can still leave them)."""
-    if not all(
+def _check_adapter_finite(accelerator, trained: dict, step: int, divergence) -> None:
+    """Never save NaN or infinite adapter weights (a finite loss can still leave them). Under sharding each
+    process sees its own slice: every process learns of any non-finite weight and stops."""
+    finite = all(
         bool(torch.isfinite(p).all()) for model in trained.values() for n, p in model.named_parameters() if "lora_" in n
-    ):
+    )
+    if failed_processes(accelerator, not finite):
         raise divergence("the adapter weights became NaN or infinite", step)
 
 
@@ -467,6 +512,8 @@ def _save_checkpoint(accelerator, training_state: dict, total_limit: int | None,
     try:
         path = save_checkpoint(accelerator, output_dir, step, training_state, total_limit)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        if is_collective_failure(err, accelerator.num_processes):
+            raise  # another process is gone, not a write that failed here: train() says so
         raise TrainingStopped(
             f"could not write checkpoint-{step} in '{output_dir}' ({_reason(err)}); the earlier checkpoints are intact "
             f"(latest: {latest_checkpoint(output_dir) or 'none'}): make room, then rerun with "

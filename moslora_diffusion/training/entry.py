@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from .. import _warnings  # noqa: F401  (silences library notices that are not the user's concern)
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> int:
         stopped = (str(err), err.exit_code)
     else:
         return 0
-    # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line.
+    # Printed once the run's frames are gone, so that its progress bar is closed first: this is the last line
+    # (collected, for frames an exception kept in a reference cycle).
+    gc.collect()
     message, exit_code = stopped
     print(f"{prog}: {'interrupted' if exit_code in INTERRUPTED_EXIT_CODES else 'error'}: {message}", file=sys.stderr, flush=True)
     return exit_code
