@@ -140,10 +140,16 @@ def adapter_state_from_pipeline(pipe, adapter_name: str = "default", base_model:
     return AdapterState(components, family.name, base_model, adapter_name, source_format="live")
 
 
-def component_adapter_from_model(model: nn.Module, adapter_name: str, component: str = "model") -> ComponentAdapter:
-    """One component's adapter: PEFT's own state dict of it, plus each layer's scale."""
+def component_adapter_from_model(
+    model: nn.Module, adapter_name: str, component: str = "model", state_dict: dict[str, torch.Tensor] | None = None
+) -> ComponentAdapter:
+    """One component's adapter: PEFT's own state dict of it, plus each layer's scale.
+
+    ``state_dict``: the model's tensors as gathered elsewhere (a sharded model's, whole; see
+    :mod:`moslora_diffusion.training.sharding`) instead of the live ones; ``model`` then gives names and settings only.
+    """
     config = model.peft_config[adapter_name]
-    tensors = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tensors = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
     suffixes = FACTOR_SUFFIXES["native"]
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

@@ -14,23 +14,11 @@ sharding (one process, DDP) the same call returns the live tensors, so there is 
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from ..formats import (
-    AdapterState,
-    ComponentAdapter,
-    LayerFactors,
-    canonical_module_path,
-    component_config_from_peft,
-    config_scale,
-)
-
-# A PEFT parameter name: the module, the factor, the adapter name.
-_PEFT_KEY = re.compile(r"(.+)\.(lora_A|lora_B|lora_mixer)\.([^.]+)\.weight")
-_FACTOR_OF_PEFT = {"lora_A": "A", "lora_B": "B", "lora_mixer": "M"}
+from ..formats import AdapterState
+from ..loaders import component_adapter_from_model
 
 
 def gather_adapter_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,23 +58,10 @@ def adapter_state(
     ``trained`` (component -> unwrapped model) gives each component's adapter settings and module naming only;
     no tensor is read from it.
     """
-    components = {}
-    for component, tensors in adapters.items():
-        model = trained[component]
-        config = component_config_from_peft(model.peft_config[adapter_name])
-        factors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            match = _PEFT_KEY.fullmatch(key)
-            if match is None or match.group(3) != adapter_name:
-                continue
-            factors.setdefault(match.group(1), {})[_FACTOR_OF_PEFT[match.group(2)]] = tensor
-        layers = {}
-        for module_path, found in sorted(factors.items()):
-            path = canonical_module_path(model, module_path)
-            layers[path] = LayerFactors(
-                found["A"], found["B"], found.get("M"), config_scale(config, path), f"{component}.{module_path}"
-            )
-        components[component] = ComponentAdapter(config, layers)
+    components = {
+        component: component_adapter_from_model(trained[component], adapter_name, component, state_dict=tensors)
+        for component, tensors in adapters.items()
+    }
     return AdapterState(components, family, base_model, adapter_name, source_format="live")
 
 
