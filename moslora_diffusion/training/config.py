@@ -570,6 +570,8 @@ def _checked(config: RunConfig) -> RunConfig:
     validation_prompts = tuple(config.validation_prompt or ())
     if not validation_prompts and not config.validation_prompts_file:
         validation_prompts = (config.instance_prompt,)
+    if optimizer == "prodigy":
+        _check_one_prodigy_learning_rate(config, learning_rate, text_encoder_lr)
     if config.ema_decay > 1:
         raise UsageError(f"--ema_decay must be in (0, 1], got {config.ema_decay}")
     return dataclasses.replace(
@@ -584,6 +586,21 @@ def _checked(config: RunConfig) -> RunConfig:
         learning_rate=learning_rate,
         text_encoder_lr=text_encoder_lr,
     )
+
+
+def _check_one_prodigy_learning_rate(config: RunConfig, learning_rate: float, text_encoder_lr: float) -> None:
+    """Prodigy estimates one step size for every parameter group and refuses groups whose LRs differ (but for 0)."""
+    others = {
+        "--loraplus_lr_ratio": learning_rate * config.loraplus_lr_ratio,
+        "--mixer_lr": learning_rate if config.mixer_lr is None else config.mixer_lr,
+        "--text_encoder_lr": text_encoder_lr if config.train_text_encoder else learning_rate,
+    }
+    for name, lr in others.items():
+        if lr not in (learning_rate, 0.0):
+            raise UsageError(
+                f"--optimizer prodigy takes one learning rate for every group (or 0), but {name} gives {lr:g} "
+                f"against --learning_rate {learning_rate:g}; drop {name} (or choose another --optimizer)"
+            )
 
 
 def _checked_optimizer(config: RunConfig) -> str:
