@@ -113,6 +113,20 @@ def test_ema_weights_are_the_exported_adapter(tmp_path):
     assert "EMA (decay 0.9)" in (out / "README.md").read_text()
 
 
+def test_ema_added_when_resuming_starts_from_the_checkpoints_weights(tmp_path, caplog):
+    flags = ["--num_validation_images", "0", "--checkpointing_steps", "2"]
+    out = train("sd15", tmp_path / "out", *flags)
+    train("sd15", out, *flags, "--max_train_steps", "3", "--use_ema", "--resume_from_checkpoint", "latest")
+    assert "was saved without --use_ema: the EMA starts from its weights" in caplog.text
+    # A fresh average's first step takes the weights as they are (d_1 = 0): the export is step 3's live weights
+    # (up to rounding: EMAModel computes s - 1 * (s - w)).
+    live, _ = load_safetensors(out / "checkpoint-3" / "adapter_unet.safetensors")
+    exported = native_adapter(out)
+    for key, tensor in live.items():
+        torch.testing.assert_close(exported[f"unet.{key.replace('.default.', '.')}"], tensor, rtol=1e-6, atol=1e-7)
+    assert (out / "checkpoint-3" / EMA_FILE).is_file()
+
+
 def test_compile_trains_and_writes_the_same_adapter_keys(tmp_path):
     """--compile's wiring with dynamo's "eager" backend (the graph capture, no code generation): inductor compiles
     for 12-65 s on this CPU, too slow for the suite. The captured graph runs the same kernels: same weights."""

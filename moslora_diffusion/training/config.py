@@ -60,7 +60,7 @@ def flag(
 
 
 def parse_size(value: str) -> tuple[int, int]:
-    """``"768x512"`` -> (768, 512) (width, height); ``"512"`` -> (512, 512); else an ArgumentTypeError (a flag error)."""
+    """``"768x512"`` -> (768, 512) (width, height); ``"512"`` -> (512, 512); else an ArgumentTypeError."""
     parts = str(value).lower().replace(" ", "").split("x")
     if len(parts) not in (1, 2) or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"expected WxH in pixels, e.g. 768x512 (or one number), got '{value}'")
@@ -80,8 +80,8 @@ class RunConfig:
 
     After :func:`parse_run_config`: ``lora_alpha``, both target-module fields, both learning rates (per
     --optimizer) and ``optimizer`` (--use_8bit_adam folded in) are resolved (never None), and
-    ``validation_prompt`` is a tuple of prompts (those of --validation_prompts_file are added by
-    :func:`.run_inputs.resolve_run_inputs`); after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and ``report_to`` too.
+    ``validation_prompt`` is a tuple of prompts; after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and
+    ``report_to`` too, and ``validation_prompt`` holds those of --validation_prompts_file as well.
     Values that need the loaded base (the default resolution, the number of steps of an epoch-based run,
     learning rates under --scale_lr) are the recipe's own local values, never written back here.
     """

@@ -11,6 +11,7 @@ them back bit for bit.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..fileio import load_safetensors, save_safetensors
 
 EMA_FILE = "ema_adapters.safetensors"
 _STEP_KEY = "moslora.ema_optimization_step"
+logger = logging.getLogger(__name__)
 
 
 class AdapterEMA:
@@ -54,9 +56,12 @@ class AdapterEMA:
         return save_safetensors(tensors, Path(folder) / EMA_FILE, {_STEP_KEY: str(self.average.optimization_step)})
 
     def load(self, folder: str | Path) -> None:
+        """The averages saved in checkpoint ``folder``. A checkpoint saved without --use_ema has none: the average
+        stays fresh, and its first step (d_1 = 0) takes the weights the run continues from."""
         path = Path(folder) / EMA_FILE
         if not path.is_file():
-            raise ValueError(f"{path} is missing: the checkpoint was saved without --use_ema; resume without it")
+            logger.warning("%s was saved without --use_ema: the EMA starts from its weights", folder)
+            return
         tensors, metadata = load_safetensors(path)
         if set(tensors) != set(self.names):
             missing = sorted(set(self.names) ^ set(tensors))

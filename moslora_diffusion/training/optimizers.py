@@ -49,7 +49,9 @@ def missing_package(optimizer: str) -> str | None:
     if package is None or importlib.util.find_spec(module.split(".")[0]) is not None:
         return None
     extra = "bnb" if package == "bitsandbytes" else "optimizers"
-    return f"--optimizer {optimizer} needs {package}: pip install {package} (or pip install 'moslora-diffusion[{extra}]')"
+    return (
+        f"--optimizer {optimizer} needs {package}: pip install {package} (or pip install 'moslora-diffusion[{extra}]')"
+    )
 
 
 def parse_optimizer_args(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def check_optimizer_args(optimizer: str, kwargs: dict[str, Any]) -> None:
     """Refuse a keyword the optimizer does not take, or one set per group by the run's flags (ValueError)."""
     for key in kwargs:
         if key in _PER_GROUP_KEYS:
-            raise ValueError(f"--optimizer_args {key}=...: set per parameter group by {_PER_GROUP_KEYS[key]}; use those")
+            raise ValueError(f"--optimizer_args {key}=...: set per parameter group by {_PER_GROUP_KEYS[key]} instead")
     if not kwargs:
         return
     accepted = [name for name in inspect.signature(optimizer_class(optimizer).__init__).parameters if name != "self"]

@@ -50,7 +50,9 @@ def read_prompts_file(path: str | Path) -> tuple[str, ...]:
     except FileNotFoundError:
         raise ValueError(f"--validation_prompts_file '{path}' does not exist") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"--validation_prompts_file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"--validation_prompts_file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise ValueError(f"--validation_prompts_file '{path}' cannot be read ({err.strerror or err})") from None
     prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
