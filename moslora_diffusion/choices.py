@@ -7,3 +7,5 @@ load; the modules that act on these names import them from here.
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
 
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree")

@@ -1,5 +1,5 @@
 """The trained part of a run: the frozen base's precision and placement, the MoSLoRA adapters on the
-denoiser (and text encoders), and their optimizer.
+denoiser (and text encoders), and their parameter groups by role (A, B, M) for the optimizer.
 
 Components take the values they need, never the whole run configuration: the recipe
 (:mod:`moslora_diffusion.training.dreambooth`) reads :class:`~.config.RunConfig` and passes them on.
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import MoSLoRAConfig
-from ..inject import add_moslora, adapter_parameters
+from ..inject import add_moslora
 
 ADAPTER_NAME = "default"
 
@@ -65,7 +65,24 @@ def enable_gradient_checkpointing(trained: dict[str, nn.Module], family) -> None
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def make_optimizer(
+# Parameter-name part -> role (the paper's letters): y = W0 x + s * B M A x.
+ADAPTER_ROLES = {"lora_A": "A", "lora_B": "B", "lora_mixer": "M"}
+
+
+def adapter_parameters_by_role(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The trainable adapter parameters of ``model`` by role ("A", "B", "M"); a frozen mixer is absent."""
+    roles: dict[str, list[nn.Parameter]] = {role: [] for role in ADAPTER_ROLES.values()}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role = next((r for part, r in ADAPTER_ROLES.items() if f".{part}." in f".{name}."), None)
+        if role is None:
+            raise ValueError(f"trainable parameter '{name}' is no adapter weight (expected {', '.join(ADAPTER_ROLES)})")
+        roles[role].append(param)
+    return roles
+
+
+def adapter_param_groups(
     trained: dict[str, nn.Module],
     family,
     *,
@@ -73,26 +90,25 @@ def make_optimizer(
     text_encoder_lr: float,
     weight_decay: float,
     text_encoder_weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    use_8bit_adam: bool = False,
-) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the adapters: the denoiser's and text encoders' own LR and decay."""
+    loraplus_lr_ratio: float = 1.0,
+    mixer_lr: float | None = None,
+) -> list[dict]:
+    """One optimizer parameter group per component and role, named "<component>.<role>".
+
+    A learns at the component's LR; B at ``loraplus_lr_ratio`` times it (LoRA+, Hayou et al. 2024); M at
+    ``mixer_lr`` in the denoiser (default: its LR) and at the text encoders' LR times ``mixer_lr / learning_rate``.
+    A role without trainable parameters (a frozen mixer) has no group.
+    """
+    mixer_ratio = 1.0 if mixer_lr is None or learning_rate == 0 else mixer_lr / learning_rate
     groups = []
     for name, model in trained.items():
         is_denoiser = name == family.denoiser
-        groups.append(
-            {
-                "params": adapter_parameters(model),
-                "lr": learning_rate if is_denoiser else text_encoder_lr,
-                "weight_decay": weight_decay if is_denoiser else text_encoder_weight_decay,
-            }
-        )
-    if use_8bit_adam:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps)
-    # On CPU torch's default AdamW updates the adapter's tensors one by one in Python (SD 1.5: 144 tensors,
-    # 4 ms a step); the fused kernel takes 0.6 ms. On GPUs the default (foreach) is already batched.
-    on_cpu = all(p.device.type == "cpu" for group in groups for p in group["params"])
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True if on_cpu else None)
+        lr = learning_rate if is_denoiser else text_encoder_lr
+        lrs = {"A": lr, "B": lr * loraplus_lr_ratio, "M": lr * mixer_ratio}
+        if is_denoiser and mixer_lr is not None:
+            lrs["M"] = mixer_lr  # exactly the flag's value, not a rounded ratio times the LR
+        for role, params in adapter_parameters_by_role(model).items():
+            if params:
+                decay = weight_decay if is_denoiser else text_encoder_weight_decay
+                groups.append({"params": params, "lr": lrs[role], "weight_decay": decay, "name": f"{name}.{role}"})
+    return groups

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..choices import MIXER_INITS, WEIGHTING_SCHEMES
+from ..choices import MIXER_INITS, OPTIMIZERS, WEIGHTING_SCHEMES
 from ..targets import PRESET_NAMES, parse_target_modules
 
 DEFAULT_PROG = "train_dreambooth_moslora.py"
@@ -46,26 +46,42 @@ def flag(
     choices: tuple | None = None,
     check: str | None = None,
     type: typing.Callable | None = None,
+    nargs: str | int | None = None,
 ) -> Any:
     """A RunConfig field that is also a command-line flag.
 
     ``check``: "positive" (> 0) or "non_negative" (>= 0), enforced when given. ``type``: how argparse reads
     the value when the field's annotation does not say it (e.g. a value parsed further after argparse).
+    ``nargs``: the flag collects values (a tuple field, default None): each use adds its ``nargs`` values, and a
+    config file gives a list.
     """
-    metadata = {"help": help, "group": group, "choices": choices, "check": check, "type": type}
+    metadata = {"help": help, "group": group, "choices": choices, "check": check, "type": type, "nargs": nargs}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """``"768x512"`` -> (768, 512) (width, height); ``"512"`` -> (512, 512); else an ArgumentTypeError."""
+    parts = str(value).lower().replace(" ", "").split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected WxH in pixels, e.g. 768x512 (or one number), got '{value}'")
+    width, height = int(parts[0]), int(parts[-1])
+    return width, height
+
 
 
 _BASE, _DATA, _ADAPTER, _TRAINING = "base model", "data", "adapter (MoSLoRA)", "training"
 _OBJECTIVE, _OUTPUTS = "objective", "validation, checkpoints and logging"
+_OPTIMIZER, _SPEED = "optimizer, learning rates by role, EMA", "speed"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting of a DreamBooth run, as given (flags over --config) and completed by the checks.
 
-    After :func:`parse_run_config`: ``lora_alpha``, ``validation_prompt`` and both target-module fields
-    are resolved (never None); after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and ``report_to`` too.
+    After :func:`parse_run_config`: ``lora_alpha``, both target-module fields, both learning rates (per
+    --optimizer) and ``optimizer`` (--use_8bit_adam folded in) are resolved (never None), and
+    ``validation_prompt`` is a tuple of prompts; after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and
+    ``report_to`` too, and ``validation_prompt`` holds those of --validation_prompts_file as well.
     Values that need the loaded base (the default resolution, the number of steps of an epoch-based run,
     learning rates under --scale_lr) are the recipe's own local values, never written back here.
     """
@@ -161,8 +177,14 @@ class RunConfig:
     gradient_checkpointing: bool = flag(
         False, "Recompute activations in the backward pass to save memory.", group=_TRAINING
     )
-    learning_rate: float = flag(1e-4, "Learning rate of the denoiser's adapter.", group=_TRAINING)
-    text_encoder_lr: float = flag(5e-6, "Learning rate of the text encoders' adapters.", group=_TRAINING)
+    learning_rate: float | None = flag(
+        None, "Learning rate of the denoiser's adapter (default: 1e-4; 1.0 with --optimizer prodigy).", group=_TRAINING
+    )
+    text_encoder_lr: float | None = flag(
+        None,
+        "Learning rate of the text encoders' adapters (default: 5e-6; with --optimizer prodigy the --learning_rate).",
+        group=_TRAINING,
+    )
     scale_lr: bool = flag(
         False, "Multiply learning rates by batch size, accumulation steps and processes.", group=_TRAINING
     )
@@ -170,12 +192,63 @@ class RunConfig:
     lr_warmup_steps: int = flag(0, "Warm-up steps of the LR schedule.", group=_TRAINING, check="non_negative")
     lr_num_cycles: int = flag(1, "Cycles of cosine_with_restarts.", group=_TRAINING)
     lr_power: float = flag(1.0, "Power of the polynomial schedule.", group=_TRAINING)
-    use_8bit_adam: bool = flag(False, "8-bit AdamW from bitsandbytes (must be installed).", group=_TRAINING)
+    use_8bit_adam: bool = flag(False, "The same as --optimizer adamw8bit (diffusers' name).", group=_TRAINING)
     adam_beta1: float = flag(0.9, "AdamW's beta1 (decay of the gradient's running mean).", group=_TRAINING)
     adam_beta2: float = flag(0.999, "AdamW's beta2 (decay of the squared gradient's running mean).", group=_TRAINING)
     adam_weight_decay: float = flag(1e-4, "Weight decay of the denoiser's adapter.", group=_TRAINING)
     adam_weight_decay_text_encoder: float = flag(1e-3, "Weight decay of the text encoders' adapters.", group=_TRAINING)
     adam_epsilon: float = flag(1e-8, "AdamW's epsilon (added to the denominator for stability).", group=_TRAINING)
+
+    # ---------------------------------------------------------------- optimizer, learning rates by role, EMA
+    optimizer: str = flag(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt; learning rates near 1.0), adafactor "
+        "(transformers), adamw_schedulefree (schedulefree; constant LR schedule). Betas, epsilon and weight decay "
+        "come from the --adam_* flags where the optimizer takes them.",
+        group=_OPTIMIZER,
+        choices=OPTIMIZERS,
+    )
+    optimizer_args: tuple[str, ...] | None = flag(
+        None,
+        "More keyword arguments of the optimizer as key=value (kohya's flag), e.g. d_coef=2 betas=0.9,0.99; "
+        "values are Python literals, else strings. They override the defaults listed in docs/training.md.",
+        group=_OPTIMIZER,
+        type=str,
+        nargs="+",
+    )
+    loraplus_lr_ratio: float = flag(
+        1.0,
+        "LoRA+ (kohya's flag): B (lora_B / lora_up) learns at this times the learning rate of A; 16 is usual.",
+        group=_OPTIMIZER,
+        check="positive",
+    )
+    mixer_lr: float | None = flag(
+        None,
+        "Learning rate of the denoiser's mixers M (default: --learning_rate); the text encoders' mixers learn at "
+        "--text_encoder_lr times the same ratio. 0 keeps every M at its initial value (as --freeze_mixer).",
+        group=_OPTIMIZER,
+        check="non_negative",
+    )
+    use_ema: bool = flag(
+        False,
+        "Keep an exponential moving average of the adapter weights (diffusers' EMAModel), saved in checkpoints; "
+        "the adapter files then hold the EMA weights. Validation during training uses the live weights.",
+        group=_OPTIMIZER,
+    )
+    ema_decay: float = flag(
+        0.9999,
+        "Largest EMA decay (diffusers' EMAModel default); it warms up as (1 + t) / (10 + t) over step t.",
+        group=_OPTIMIZER,
+        check="positive",
+    )
+
+    # ---------------------------------------------------------------- speed
+    compile: bool = flag(
+        False,
+        "torch.compile the denoiser for training (the first steps compile: seconds to minutes; then faster).",
+        group=_SPEED,
+    )
+    compile_backend: str = flag("inductor", argparse.SUPPRESS, group=_SPEED)  # tests compile with "eager"
     max_grad_norm: float = flag(1.0, "Gradient clipping norm.", group=_TRAINING)
     mixed_precision: str | None = flag(
         None,
@@ -220,8 +293,12 @@ class RunConfig:
     )
 
     # ---------------------------------------------------------------- validation, checkpoints, logging
-    validation_prompt: str | None = flag(
-        None, "Prompt of the validation images (default: --instance_prompt).", group=_OUTPUTS
+    validation_prompt: tuple[str, ...] | None = flag(
+        None,
+        "Prompt of the validation images; repeat the flag for several, one grid row each (default: --instance_prompt).",
+        group=_OUTPUTS,
+        type=str,
+        nargs=1,
     )
     num_validation_images: int = flag(4, "Validation images per validation run.", group=_OUTPUTS, check="non_negative")
     validation_steps: int = flag(
@@ -237,6 +314,31 @@ class RunConfig:
         "Sampling steps for validation and class images (default: the pipeline's).",
         group=_OUTPUTS,
         check="positive",
+    )
+    validation_prompts_file: str | None = flag(
+        None, "Text file of validation prompts, one a line (blank lines skipped), after any --validation_prompt.",
+        group=_OUTPUTS,
+    )
+    validation_negative_prompt: str | None = flag(
+        None, "Negative prompt of the validation images (families that take one).", group=_OUTPUTS
+    )
+    validation_guidance_scale: float | None = flag(
+        None, "Guidance scale of the validation images (default: the pipeline's).", group=_OUTPUTS, check="non_negative"
+    )
+    validation_num_inference_steps: int | None = flag(
+        None, "Sampling steps of the validation images (default: --num_inference_steps).", group=_OUTPUTS,
+        check="positive",
+    )
+    validation_resolution: tuple[int, int] | None = flag(
+        None,
+        "Size of the validation images as WxH, e.g. 768x512, or one number (default: the training resolution).",
+        group=_OUTPUTS,
+        type=parse_size,
+    )
+    validation_cpu_offload: bool = flag(
+        False,
+        "Validate with diffusers' model CPU offload (one model on the GPU at a time); no effect on CPU.",
+        group=_OUTPUTS,
     )
     checkpointing_steps: int = flag(
         500,
@@ -265,6 +367,8 @@ def _flag_type(field: dataclasses.Field, hint) -> tuple[Any, bool]:
     """(argparse type, is a boolean flag) of a field, from its metadata or its annotation."""
     if field.metadata["type"] is not None:
         return field.metadata["type"], False
+    if field.metadata["nargs"] is not None:
+        return str, False
     kinds = [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
     if kinds == [bool]:
         return None, True
@@ -333,6 +437,8 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
             kwargs["type"] = kind
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
+            if meta["nargs"] is not None:
+                kwargs.update(nargs=meta["nargs"], action="extend")
         group.add_argument(f"--{field.name}", **kwargs)
     return parser
 
@@ -342,6 +448,7 @@ _INPUT_PATH_KEYS = (
     "class_data_dir",
     "pretrained_model_name_or_path",
     "pretrained_vae_model_name_or_path",
+    "validation_prompts_file",
 )
 
 
@@ -393,7 +500,11 @@ def _config_to_argv(parser: argparse.ArgumentParser, values: dict, config_path: 
             # Data folders are always relative to the file; a base model only if it is there (else a hub id).
             if key.endswith("data_dir") or relative.exists():
                 value = str(relative)
-        if isinstance(actions[key], argparse.BooleanOptionalAction):
+        if isinstance(actions[key], argparse._ExtendAction):  # a collecting flag: each value its own argument
+            items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+            for item in items if isinstance(items, (list, tuple)) else [items]:
+                argv += [f"--{key}", str(item)]
+        elif isinstance(actions[key], argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise UsageError(f"--config '{config_path}': '{key}' must be true or false, got {value!r}")
             argv.append(f"--{key}" if value else f"--no-{key}")
@@ -457,13 +568,71 @@ def _checked(config: RunConfig) -> RunConfig:
         text_encoder_target_modules = _as_immutable(parse_target_modules(str(te_targets)))
     except ValueError as err:
         raise UsageError(str(err)) from None
+    optimizer = _checked_optimizer(config)
+    learning_rate = config.learning_rate
+    if learning_rate is None:
+        learning_rate = 1.0 if optimizer == "prodigy" else 1e-4
+    text_encoder_lr = config.text_encoder_lr
+    if text_encoder_lr is None:  # Prodigy adapts one step size for all groups: diffusers' scripts give them one LR
+        text_encoder_lr = learning_rate if optimizer == "prodigy" else 5e-6
+    validation_prompts = tuple(config.validation_prompt or ())
+    if not validation_prompts and not config.validation_prompts_file:
+        validation_prompts = (config.instance_prompt,)
+    if optimizer == "prodigy":
+        _check_one_prodigy_learning_rate(config, learning_rate, text_encoder_lr)
+    if config.ema_decay > 1:
+        raise UsageError(f"--ema_decay must be in (0, 1], got {config.ema_decay}")
     return dataclasses.replace(
         config,
         target_modules=target_modules,
         text_encoder_target_modules=text_encoder_target_modules,
         lora_alpha=config.rank if config.lora_alpha is None else config.lora_alpha,
-        validation_prompt=config.instance_prompt if config.validation_prompt is None else config.validation_prompt,
+        validation_prompt=validation_prompts,
+        optimizer=optimizer,
+        use_8bit_adam=optimizer == "adamw8bit",
+        optimizer_args=tuple(config.optimizer_args or ()),
+        learning_rate=learning_rate,
+        text_encoder_lr=text_encoder_lr,
     )
+
+
+def _check_one_prodigy_learning_rate(config: RunConfig, learning_rate: float, text_encoder_lr: float) -> None:
+    """Prodigy estimates one step size for every parameter group and refuses groups whose LRs differ (but for 0)."""
+    others = {
+        "--loraplus_lr_ratio": learning_rate * config.loraplus_lr_ratio,
+        "--mixer_lr": learning_rate if config.mixer_lr is None else config.mixer_lr,
+        "--text_encoder_lr": text_encoder_lr if config.train_text_encoder else learning_rate,
+    }
+    for name, lr in others.items():
+        if lr not in (learning_rate, 0.0):
+            raise UsageError(
+                f"--optimizer prodigy takes one learning rate for every group (or 0), but {name} gives {lr:g} "
+                f"against --learning_rate {learning_rate:g}; drop {name} (or choose another --optimizer)"
+            )
+
+
+def _checked_optimizer(config: RunConfig) -> str:
+    """--optimizer, with --use_8bit_adam as the alias of adamw8bit; refuses the combinations that cannot work."""
+    optimizer = config.optimizer
+    if config.use_8bit_adam:
+        if optimizer not in ("adamw", "adamw8bit"):
+            raise UsageError(f"--use_8bit_adam means --optimizer adamw8bit; it conflicts with --optimizer {optimizer}")
+        optimizer = "adamw8bit"
+    if optimizer == "adamw_schedulefree":
+        if config.lr_scheduler not in ("constant", "constant_with_warmup"):
+            raise UsageError(
+                f"--optimizer adamw_schedulefree replaces the LR schedule; got --lr_scheduler {config.lr_scheduler}: "
+                "use constant (its warm-up is --lr_warmup_steps)"
+            )
+        if config.use_ema:
+            raise UsageError(
+                "--use_ema with --optimizer adamw_schedulefree: schedule-free AdamW already averages the weights "
+                "(its exported x sequence); drop --use_ema"
+            )
+    for item in config.optimizer_args or ():
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UsageError(f"--optimizer_args: expected key=value, got '{item}'")
+    return optimizer
 
 
 def _as_immutable(targets: str | list[str]) -> str | tuple[str, ...]:

@@ -35,9 +35,9 @@ from ..config import MoSLoRAConfig
 from ..formats import write_adapter_files
 from .adapters import (
     ADAPTER_NAME,
+    adapter_param_groups,
     add_adapters,
     enable_gradient_checkpointing,
-    make_optimizer,
     place_frozen_components,
     weight_dtype_for,
 )
@@ -53,8 +53,10 @@ from .checkpoints import (
 from .config import RunConfig, UsageError
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
 from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
+from .ema import AdapterEMA, register_ema_checkpoint_hooks
 from .model_card import ModelCard
 from .objectives import make_objective
+from .optimizers import SCHEDULE_FREE, evaluation_weights, make_optimizer, parse_optimizer_args
 from .processes import (
     RunPosition,
     failed_processes,
@@ -139,6 +141,11 @@ def _train(
     call_kwargs = {"height": resolution, "width": resolution, **family.pipeline_call_kwargs(max_sequence_length)}
     if config.num_inference_steps:
         call_kwargs["num_inference_steps"] = config.num_inference_steps
+    validation_kwargs = _validation_call_kwargs(config, call_kwargs, resolution)
+    if config.validation_cpu_offload and accelerator.device.type != "cuda":
+        logger.info(
+            "--validation_cpu_offload has no effect on %s: it moves models to and from a CUDA GPU", accelerator.device
+        )
     objective = make_objective(
         family,
         components["scheduler"].config,
@@ -216,21 +223,29 @@ def _train(
 
     lr_factor = accumulation * config.train_batch_size * accelerator.num_processes if config.scale_lr else 1
     learning_rate, text_encoder_lr = config.learning_rate * lr_factor, config.text_encoder_lr * lr_factor
+    mixer_lr = None if config.mixer_lr is None else config.mixer_lr * lr_factor
+    schedule_free = config.optimizer == SCHEDULE_FREE  # warms up by itself and takes no LR schedule
     optimizer = make_optimizer(
-        trained,
-        family,
-        learning_rate=learning_rate,
-        text_encoder_lr=text_encoder_lr,
-        weight_decay=config.adam_weight_decay,
-        text_encoder_weight_decay=config.adam_weight_decay_text_encoder,
+        adapter_param_groups(
+            trained,
+            family,
+            learning_rate=learning_rate,
+            text_encoder_lr=text_encoder_lr,
+            weight_decay=config.adam_weight_decay,
+            text_encoder_weight_decay=config.adam_weight_decay_text_encoder,
+            loraplus_lr_ratio=config.loraplus_lr_ratio,
+            mixer_lr=mixer_lr,
+        ),
+        config.optimizer,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
-        use_8bit_adam=config.use_8bit_adam,
+        warmup_steps=config.lr_warmup_steps,
+        optimizer_args=parse_optimizer_args(config.optimizer_args),
     )
     lr_scheduler = get_scheduler(
-        config.lr_scheduler,
+        "constant" if schedule_free else config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=0 if schedule_free else config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
@@ -238,7 +253,14 @@ def _train(
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared_models, optimizer, lr_scheduler = dict(zip(trained, prepared[:-2])), prepared[-2], prepared[-1]
     register_adapter_checkpoint_hooks(accelerator, trained, ADAPTER_NAME)
+    ema = AdapterEMA.of_adapters(trained, config.ema_decay) if config.use_ema else None
+    if ema is not None:
+        register_ema_checkpoint_hooks(accelerator, ema)
     denoiser = prepared_models[family.denoiser]
+    if config.compile:
+        # Training only (validation samples eagerly through the pipeline's own module); the checkpoint hooks and
+        # the adapter files read the uncompiled modules, so no `_orig_mod.` prefix reaches a file.
+        denoiser = torch.compile(denoiser, backend=config.compile_backend)
 
     text_components = {
         name: prepared_models.get(name, c)
@@ -288,23 +310,27 @@ def _train(
 
     # ---------------------------------------------------------------- train
     def validate(step: int, final: bool = False) -> list:
-        images = generate_validation_images(
-            pipeline,
-            config.validation_prompt,
-            config.num_validation_images,
-            seed,
-            call_kwargs,
-            list(trained.values()),
-            autocast=accelerator.autocast,
-        )
-        if images:
+        """(prompt, images) per validation prompt, with the live weights (schedule-free AdamW: its average x)."""
+        with evaluation_weights(optimizer, config.optimizer):
+            rows = generate_validation_images(
+                pipeline,
+                config.validation_prompt,
+                config.num_validation_images,
+                seed,
+                validation_kwargs,
+                list(trained.values()),
+                autocast=accelerator.autocast,
+                negative_prompt=config.validation_negative_prompt,
+                cpu_offload=config.validation_cpu_offload,
+            )
+        if rows:
             log_validation(
                 accelerator,
-                images,
+                rows,
                 output_dir / "validation" / ("final.png" if final else f"step_{step:06d}.png"),
                 step,
             )
-        return images
+        return rows
 
     if interrupts.requested:
         raise TrainingStopped("interrupted before the first step; nothing to save", interrupts.exit_code)
@@ -350,6 +376,8 @@ def _train(
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step()
             global_step += 1
             position.step = global_step
             progress.update(1)
@@ -383,12 +411,18 @@ def _train(
     # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
     _check_adapter_finite(accelerator, trained, global_step, divergence)
+    if ema is not None:
+        ema.copy_to_adapters()  # the files hold the averages; the last checkpoint keeps the live weights
+    if schedule_free:
+        optimizer.eval()  # the files hold schedule-free AdamW's average x, the weights it evaluates
     written = _write_adapter_files(
         accelerator, prepared_models, trained, family, output_dir, base_model=config.pretrained_model_name_or_path
     )
     if accelerator.is_main_process:
-        images = validate(global_step, final=True)
-        image_names = [save_png(image, output_dir / f"image_{i}.png").name for i, image in enumerate(images)]
+        images = [(prompt, image) for prompt, row in validate(global_step, final=True) for image in row]
+        image_names = [
+            (save_png(image, output_dir / f"image_{i}.png").name, prompt) for i, (prompt, image) in enumerate(images)
+        ]
         card = _model_card(
             config,
             inputs,
@@ -426,9 +460,20 @@ def adapter_config(config: RunConfig, target_modules: str | tuple[str, ...]) -> 
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         mixer_init=config.mixer_init,
-        train_mixer=not config.freeze_mixer,
+        train_mixer=not config.freeze_mixer and config.mixer_lr != 0,  # --mixer_lr 0: M stays at its initial value
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
     )
+
+
+def _validation_call_kwargs(config: RunConfig, call_kwargs: dict, resolution: int) -> dict:
+    """The pipeline call of the validation images: the class images' call with the --validation_* settings."""
+    width, height = config.validation_resolution or (resolution, resolution)
+    kwargs = {**call_kwargs, "width": width, "height": height}
+    if config.validation_num_inference_steps:
+        kwargs["num_inference_steps"] = config.validation_num_inference_steps
+    if config.validation_guidance_scale is not None:
+        kwargs["guidance_scale"] = config.validation_guidance_scale
+    return kwargs
 
 
 def _lock_output_dir(accelerator, output_dir: Path, may_replace_earlier_run: bool) -> OutputDirLock:
@@ -626,7 +671,11 @@ def _model_card(
         "gradient accumulation": config.gradient_accumulation_steps,
         "learning rate": learning_rate,
         "text encoder learning rate": text_encoder_lr if config.train_text_encoder else None,
-        "LR schedule": config.lr_scheduler,
+        "LR schedule": "none (schedule-free)" if config.optimizer == SCHEDULE_FREE else config.lr_scheduler,
+        "optimizer": " ".join([config.optimizer, *config.optimizer_args]),
+        "LoRA+ ratio (B's LR / A's)": config.loraplus_lr_ratio if config.loraplus_lr_ratio != 1 else None,
+        "mixer learning rate": config.mixer_lr,
+        "weights in the files": f"EMA (decay {config.ema_decay})" if config.use_ema else None,
         "prior preservation": f"{config.class_prompt!r}, weight {config.prior_loss_weight}"
         if config.with_prior_preservation
         else None,
@@ -638,7 +687,7 @@ def _model_card(
         base_model=config.pretrained_model_name_or_path,
         family=inputs.base.family,
         instance_prompt=config.instance_prompt,
-        validation_prompt=config.validation_prompt,
+        validation_prompts=config.validation_prompt,
         adapter_settings=adapter_settings,
         training_settings={k: v for k, v in training_settings.items() if v is not None},
         validation_images=image_names,

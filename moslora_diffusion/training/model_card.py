@@ -20,10 +20,10 @@ class ModelCard:
     base_model: str
     family: type  # a moslora_diffusion.families.Family subclass
     instance_prompt: str
-    validation_prompt: str | None
+    validation_prompts: tuple[str, ...]  # the first is the usage example's prompt
     adapter_settings: dict  # name -> value, shown as a table
     training_settings: dict
-    validation_images: list[str] = field(default_factory=list)  # file names inside the output folder
+    validation_images: list[tuple[str, str]] = field(default_factory=list)  # (file name in the output folder, prompt)
     files: dict = field(default_factory=dict)  # role -> file name
     license: str | None = None
 
@@ -36,7 +36,7 @@ class ModelCard:
             "tags": ["text-to-image", "diffusers", "lora", "moslora", "dreambooth", "template:sd-lora", *self.family.hub_tags],
         }
         if self.validation_images:
-            meta["widget"] = [{"text": self.validation_prompt or self.instance_prompt, "output": {"url": name}} for name in self.validation_images]
+            meta["widget"] = [{"text": prompt, "output": {"url": name}} for name, prompt in self.validation_images]
         return meta
 
     def render(self) -> str:
@@ -72,8 +72,12 @@ class ModelCard:
         lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in self.training_settings.items()]
         if self.validation_images:
-            lines += ["", "## Validation images", "", f"Prompt: `{self.validation_prompt}`", ""]
-            lines += [f"![validation image {i}]({name})" for i, name in enumerate(self.validation_images)]
+            lines += ["", "## Validation images", ""]
+            for prompt in dict.fromkeys(prompt for _, prompt in self.validation_images):
+                lines += [f"Prompt: `{prompt}`", ""]
+                names = [name for name, image_prompt in self.validation_images if image_prompt == prompt]
+                lines += [f"![validation image {name}]({name})" for name in names] + [""]
+            lines.pop()
         if self.base_model.startswith("tiny:"):  # the offline smoke base: random weights, built in memory
             load_base = [
                 "from moslora_diffusion.testing import make_tiny_pipeline",
@@ -94,7 +98,7 @@ class ModelCard:
             "```python",
             *load_base,
             f'pipe.load_lora_weights("path/to/this/folder", weight_name="{lora_file}")',
-            f'image = pipe("{self.validation_prompt or self.instance_prompt}").images[0]',
+            f'image = pipe("{(self.validation_prompts or (self.instance_prompt,))[0]}").images[0]',
             "```",
             "",
             "In webui or ComfyUI, put the kohya file in the LoRA folder. With moslora_diffusion, "

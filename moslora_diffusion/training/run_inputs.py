@@ -22,6 +22,8 @@ from .checkpoints import read_training_state, resolve_resume_checkpoint
 from .config import DEFAULT_PROG, RunConfig, UsageError, is_hub_id, parse_run_config
 from .data import ImageFolderError, image_files
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
+from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
+from .validation import read_prompts_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,21 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
             raise UsageError(f"--class_data_dir '{config.class_data_dir}' is not a folder")
     elif config.class_data_dir or config.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are ignored without --with_prior_preservation")
-    if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
+    _check_optimizer(config)
+    if config.validation_resolution is not None and any(
+        side % family.resolution_multiple for side in config.validation_resolution
+    ):
+        width, height = config.validation_resolution
+        raise UsageError(
+            f"--validation_resolution {width}x{height}: both sides must be multiples of "
+            f"{family.resolution_multiple} for {family.name}"
+        )
+    validation_prompts = config.validation_prompt
+    if config.validation_prompts_file:
+        try:
+            validation_prompts += read_prompts_file(config.validation_prompts_file)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     report_to = config.report_to
     if report_to is None:
         report_to = "tensorboard" if _tensorboard_available() else "none"
@@ -93,8 +108,25 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
     if seed is None:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
-    config = dataclasses.replace(config, seed=seed, report_to=report_to)
+    config = dataclasses.replace(config, seed=seed, report_to=report_to, validation_prompt=validation_prompts)
     return config, RunInputs(base, instance_images, resume_checkpoint)
+
+
+def _check_optimizer(config: RunConfig) -> None:
+    """The optimizer's package is installed and takes --optimizer_args (UsageError), and Prodigy's LR is near 1."""
+    missing = missing_package(config.optimizer)
+    if missing:
+        raise UsageError(missing)
+    try:
+        check_optimizer_args(config.optimizer, parse_optimizer_args(config.optimizer_args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if config.optimizer == "prodigy" and not 0.1 <= config.learning_rate <= 10:
+        logger.warning(
+            "--optimizer prodigy estimates the step size itself and expects --learning_rate near 1.0 (a multiplier), "
+            "got %g: training will barely move (or diverge)",
+            config.learning_rate,
+        )
 
 
 def may_replace_earlier_run(config: RunConfig, resume_checkpoint: Path | None) -> bool:
