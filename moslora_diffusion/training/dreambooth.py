@@ -105,6 +105,8 @@ def _train(
             f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)}); weights are "
             "read from .safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
         ) from None
+    except ValueError as err:  # a single-file base whose --base_config cannot be fetched or does not fit it
+        raise UsageError(f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)})") from None
     place_frozen_components(
         components, family, accelerator.device, weight_dtype, custom_vae=bool(config.pretrained_vae_model_name_or_path)
     )

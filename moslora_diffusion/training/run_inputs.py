@@ -59,7 +59,9 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
             raise UsageError(str(err)) from None
 
     try:
-        base = resolve_base_model(config.pretrained_model_name_or_path, revision=config.revision)
+        base = resolve_base_model(
+            config.pretrained_model_name_or_path, revision=config.revision, base_config=config.base_config
+        )
         instance_images = tuple(image_files(config.instance_data_dir, "--instance_data_dir"))
     except (ValueError, ImageFolderError) as err:
         raise UsageError(str(err)) from None
