@@ -52,6 +52,7 @@ from .checkpoints import (
 from .config import RunConfig, UsageError
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
 from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
+from .init_lora import add_init_lora
 from .model_card import ModelCard
 from .objectives import make_objective
 from .prior import generate_class_images
@@ -147,12 +148,25 @@ def _train(
         )
 
     try:
-        trained = add_adapters(
-            components,
-            family,
-            adapter_config(config, config.target_modules),
-            adapter_config(config, config.text_encoder_target_modules) if config.train_text_encoder else None,
+        text_encoder_config = (
+            adapter_config(config, config.text_encoder_target_modules) if config.train_text_encoder else None
         )
+        if inputs.init_lora is not None:
+            trained = add_init_lora(
+                components,
+                family,
+                inputs.init_lora,
+                target_modules=config.target_modules,
+                train_text_encoder=config.train_text_encoder,
+                text_encoder_config=text_encoder_config,
+                train_mixer=not config.freeze_mixer,
+                lora_dropout=config.lora_dropout,
+                adapter_name=ADAPTER_NAME,
+            )
+        else:
+            trained = add_adapters(
+                components, family, adapter_config(config, config.target_modules), text_encoder_config
+            )
     except ValueError as err:
         raise UsageError(str(err)) from None
     if weight_dtype != torch.float32:
@@ -561,7 +575,7 @@ def _model_card(
     text_encoder_lr: float,
     seed: int,
 ) -> ModelCard:
-    adapter = adapter_config(config, config.target_modules)
+    adapter = trained[inputs.base.family.denoiser].peft_config[ADAPTER_NAME]  # the run's, or the --init_lora file's
     adapter_settings = {
         "rank r": adapter.r,
         "alpha": adapter.lora_alpha,
@@ -585,6 +599,8 @@ def _model_card(
         "prior preservation": f"{config.class_prompt!r}, weight {config.prior_loss_weight}"
         if config.with_prior_preservation
         else None,
+        "initial LoRA": config.init_lora,
+        "base configs": inputs.base.base_config,
         "mixed precision": config.mixed_precision or "no",
         "seed": seed,
     }

@@ -22,6 +22,7 @@ from .checkpoints import read_training_state, resolve_resume_checkpoint
 from .config import DEFAULT_PROG, RunConfig, UsageError, is_hub_id, parse_run_config
 from .data import ImageFolderError, image_files
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
+from .init_lora import InitLoRA, read_init_lora
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class RunInputs:
     base: BaseModel  # the base pipeline's source and family (weights not loaded yet)
     instance_images: tuple[Path, ...]  # the readable images of --instance_data_dir, sorted by name
     resume_checkpoint: Path | None  # the checkpoint-<step> folder --resume_from_checkpoint names
+    init_lora: InitLoRA | None = None  # the LoRA --init_lora names, read and checked against the family
 
 
 def parse_run(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> tuple[RunConfig, RunInputs]:
@@ -70,6 +72,13 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         raise UsageError(f"--pretrained_vae_model_name_or_path '{vae}' does not exist")
 
     family = base.family
+    init_lora = None
+    if config.init_lora:
+        try:
+            init_lora = read_init_lora(config.init_lora, family)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        config = _with_init_lora_rank_and_alpha(config, init_lora)
     if config.resolution is not None and config.resolution % family.resolution_multiple:
         raise UsageError(
             f"--resolution {config.resolution} must be a multiple of {family.resolution_multiple} for {family.name}"
@@ -96,7 +105,20 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
     config = dataclasses.replace(config, seed=seed, report_to=report_to)
-    return config, RunInputs(base, instance_images, resume_checkpoint)
+    return config, RunInputs(base, instance_images, resume_checkpoint, init_lora)
+
+
+def _with_init_lora_rank_and_alpha(config: RunConfig, init_lora: InitLoRA) -> RunConfig:
+    """--rank and --lora_alpha from the --init_lora file; given ones must agree with it (the denoiser's most
+    common rank, and the alpha of its most common scale at that rank)."""
+    for name, value in (("rank", init_lora.rank), ("lora_alpha", init_lora.lora_alpha)):
+        given = getattr(config, name)
+        if given is not None and float(given) != float(value):
+            raise UsageError(
+                f"--{name} {given:g} disagrees with --init_lora {config.init_lora}, whose {name} is {value:g}; "
+                f"leave --{name} out to train with the file's"
+            )
+    return dataclasses.replace(config, rank=init_lora.rank, lora_alpha=init_lora.lora_alpha)
 
 
 def may_replace_earlier_run(config: RunConfig, resume_checkpoint: Path | None) -> bool:
