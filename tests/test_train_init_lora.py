@@ -44,7 +44,9 @@ def make_lora(family: str, folder, *, text_encoder: bool = True, moslora: bool =
         models[spec.text_encoders[0]] = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "out_proj"])
     for i, (component, config) in enumerate(models.items()):
         model = getattr(pipe, component)
-        add_moslora(model, config, "x") if isinstance(config, MoSLoRAConfig) else model.add_adapter(config, adapter_name="x")
+        add_moslora(model, config, "x") if isinstance(config, MoSLoRAConfig) else model.add_adapter(
+            config, adapter_name="x"
+        )
         randomize_adapter(model, "x", seed=i + 1)
     save_moslora_weights(pipe, folder, adapter_name="x")
     return pipe
@@ -70,7 +72,9 @@ def test_step_0_equals_the_file_exactly(layout, tmp_path):
         want, got = _lora_layers(getattr(reference, component), "x"), _lora_layers(components[component], "default")
         assert got.keys() == want.keys()
         for name, layer in got.items():
-            torch.testing.assert_close(layer.get_delta_weight("default"), want[name].get_delta_weight("x"), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                layer.get_delta_weight("default"), want[name].get_delta_weight("x"), rtol=1e-6, atol=1e-7
+            )
             mixer = layer.lora_mixer["default"].weight
             assert torch.equal(mixer, torch.eye(mixer.shape[0])) and mixer.requires_grad
     # One rank per MoSLoRA component: the rank-2 layer is padded with zeros to 4, its delta unchanged.
@@ -81,7 +85,14 @@ def test_step_0_equals_the_file_exactly(layout, tmp_path):
 
 
 def _image(pipe) -> np.ndarray:
-    return pipe("a photo", generator=torch.Generator().manual_seed(0), height=32, width=32, num_inference_steps=2, output_type="np").images
+    return pipe(
+        "a photo",
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="np",
+    ).images
 
 
 def _started_from(path, train_text_encoder: bool = False):

@@ -48,15 +48,21 @@ def single_file_base(family: str, folder):
 def _validation_image(pipe, family: str, output_type: str = "pil") -> np.ndarray:
     kwargs = get_family(family).pipeline_call_kwargs(32)
     generator = torch.Generator().manual_seed(0)
-    image = pipe(PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2, **kwargs).images[0]
+    image = pipe(
+        PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2, **kwargs
+    ).images[0]
     return np.asarray(image, dtype=np.int16) if output_type == "pil" else image
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
-def test_training_on_a_single_file_uses_its_weights_and_loads_back_in_stock_diffusers(family, tmp_path, tiny_flux_converter):
+def test_training_on_a_single_file_uses_its_weights_and_loads_back_in_stock_diffusers(
+    family, tmp_path, tiny_flux_converter
+):
     path, config_dir, twin = single_file_base(family, tmp_path)
     extra = ["--learning_rate", "5e-2"] if family == "flux" else []
-    out = train(family, tmp_path / "out", "--pretrained_model_name_or_path", str(path), "--base_config", str(config_dir), *extra)
+    out = train(
+        family, tmp_path / "out", "--pretrained_model_name_or_path", str(path), "--base_config", str(config_dir), *extra
+    )
 
     front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert front["base_model"] == str(path)  # the card and the adapter files name the file, not the config folder
@@ -96,9 +102,17 @@ def _config_folder(family, tmp_path):
 
 BAD_SINGLE_FILES = {
     "unknown family": (lambda t: ["--pretrained_model_name_or_path", str(_mystery_file(t))], "match no known family"),
-    "pickled checkpoint": (lambda t: ["--pretrained_model_name_or_path", str(_pickle(t))], "pickled checkpoints can run code"),
+    "pickled checkpoint": (
+        lambda t: ["--pretrained_model_name_or_path", str(_pickle(t))],
+        "pickled checkpoints can run code",
+    ),
     "config folder of another family": (
-        lambda t: ["--pretrained_model_name_or_path", str(_sd15_file(t)), "--base_config", str(_config_folder("sdxl", t))],
+        lambda t: [
+            "--pretrained_model_name_or_path",
+            str(_sd15_file(t)),
+            "--base_config",
+            str(_config_folder("sdxl", t)),
+        ],
         "is a sd15 checkpoint but --base_config",
     ),
     "default config needs the hub": (

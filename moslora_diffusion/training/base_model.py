@@ -161,7 +161,9 @@ def _resolve_hub_model(repo_id: str, revision: str | None, flag: str = _FLAG) ->
         raise ValueError(f"{flag} '{repo_id}': {err}") from None
     except Exception as err:  # noqa: BLE001 - huggingface_hub has many error types (gated model, missing file)
         reason = _one_line(err)
-        raise ValueError(f"{flag} '{repo_id}': a hub pipeline whose model_index.json cannot be read ({reason})") from None
+        raise ValueError(
+            f"{flag} '{repo_id}': a hub pipeline whose model_index.json cannot be read ({reason})"
+        ) from None
     return BaseModel(repo_id, family, index)
 
 

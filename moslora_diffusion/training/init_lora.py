@@ -58,7 +58,8 @@ def read_init_lora(source: str, family: type[Family]) -> InitLoRA:
     if family.denoiser not in state.components:
         found = ", ".join(state.components) or "no layers"
         raise ValueError(
-            f"{_FLAG} {source}: no {family.denoiser} layers (found {found}); a {family.name} LoRA adapts the {family.denoiser}"
+            f"{_FLAG} {source}: no {family.denoiser} layers (found {found}); "
+            f"a {family.name} LoRA adapts the {family.denoiser}"
         )
     rank, scale = _rank_and_scale(state.components[family.denoiser].layers.values())
     return InitLoRA(source, state, rank, _alpha(scale, rank))
