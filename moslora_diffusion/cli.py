@@ -4,7 +4,7 @@
     moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
     moslora resize ADAPTER --rank K [--output_dir DIR]   exact best rank-K approximation of each s B M A
-    moslora merge --base DIR --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
+    moslora merge --base DIR|FILE.safetensors --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
 
 To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args) -> int`` and add a
 ``Subcommand`` to ``SUBCOMMANDS``; import heavy modules inside the run function. Errors meant for people
@@ -229,7 +229,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the base model: a local diffusers pipeline folder (or a Hub id, fetched if online)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="the base model: a local diffusers pipeline folder (or a Hub id, fetched if online), or a single-file "
+        ".safetensors checkpoint (SD 1.x/2.x, SDXL, SD3, Flux; family read from its tensor names)",
+    )
+    parser.add_argument(
+        "--base_config",
+        help="with a single-file --base: a diffusers folder or Hub id of the same family with its configs (and, for a "
+        "folder output, the components the file lacks); default: the family's reference Hub repository",
+    )
     parser.add_argument(
         "--adapter",
         action="append",

@@ -62,6 +62,8 @@ class Family:
     modelspec_architecture: ClassVar[str]
     # The original single-file layout: (component, naming rules in single_file.py, key prefix in the file).
     single_file_layout: ClassVar[tuple[tuple[str, str, str], ...]]
+    # The Hub pipeline whose configs and tokenizers complete a single-file checkpoint (--base_config default).
+    reference_repository: ClassVar[str]
 
     # --- training -------------------------------------------------------------------------------
     objective: ClassVar[str]  # "noise_prediction" (epsilon / v from the scheduler) or "flow_matching"
@@ -214,6 +216,7 @@ class SD15(Family):
         ("vae", "vae", "first_stage_model."),
         ("text_encoder", "clip", "cond_stage_model.transformer."),
     )
+    reference_repository = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     modelspec_architecture = "stable-diffusion-v1/lora"
     objective = "noise_prediction"
     default_resolution = 512
@@ -242,6 +245,7 @@ class SD2(SD15):
         ("vae", "vae", "first_stage_model."),
         ("text_encoder", "open_clip", "cond_stage_model.model."),
     )
+    reference_repository = "stabilityai/stable-diffusion-2-1"
     modelspec_architecture = "stable-diffusion-v2/lora"
     default_resolution = 768
     license = "openrail++"
@@ -260,6 +264,7 @@ class SDXL(Family):
         ("text_encoder", "clip", "conditioner.embedders.0.transformer."),
         ("text_encoder_2", "open_clip", "conditioner.embedders.1.model."),
     )
+    reference_repository = "stabilityai/stable-diffusion-xl-base-1.0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     objective = "noise_prediction"
     default_resolution = 1024
@@ -296,6 +301,7 @@ class SD3(Family):
     ss_base_model_version = "sd3"
     # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.
     single_file_layout = (("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))
+    reference_repository = "stabilityai/stable-diffusion-3-medium-diffusers"
     modelspec_architecture = "stable-diffusion-3-medium/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -351,6 +357,7 @@ class Flux(Family):
     ss_base_model_version = "flux1"
     # As flux1-dev.safetensors: the transformer alone, with bare names.
     single_file_layout = (("transformer", "flux", ""),)
+    reference_repository = "black-forest-labs/FLUX.1-dev"
     modelspec_architecture = "flux-1-dev/lora"
     objective = "flow_matching"
     default_resolution = 1024

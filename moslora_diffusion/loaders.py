@@ -299,6 +299,12 @@ def _load_trainable(state: AdapterState, models: dict[str, nn.Module], adapter_n
         _copy_factors(model, adapter, adapter_name, state.source_path)
 
 
+def copy_adapter_factors(model: nn.Module, adapter: ComponentAdapter, adapter_name: str, where) -> None:
+    """Copy a file's A, B (and M where it has one) into ``model``'s adapter ``adapter_name``, whose layers must
+    be exactly the file's modules (ValueError naming ``where`` otherwise)."""
+    _copy_factors(model, adapter, adapter_name, where)
+
+
 def _copy_factors(model: nn.Module, adapter: ComponentAdapter, adapter_name: str, where) -> None:
     """Copy every layer's A, M, B into ``model``'s adapter; fail if any module was left out or added."""
     expected = {model_module_path(model, p) for p in adapter.layers}
@@ -352,6 +358,7 @@ __all__ = [
     "adapter_state_from_pipeline",
     "canonical_module_path",
     "check_adapter_file",
+    "copy_adapter_factors",
     "fit_adapter_to_models",
     "load_moslora_weights",
     "model_module_path",

@@ -78,12 +78,83 @@ def read_single_file_family(path: str | os.PathLike) -> tuple[str, bool]:
 
     path = Path(path)
     _check_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            proj_ins = (k for k in sorted(keys) if k.startswith(DENOISER_PREFIX) and k.endswith(".proj_in.weight"))
+            proj_in = next(proj_ins, None)
+            ndim = len(f.get_slice(proj_in).get_shape()) if proj_in else None
+    except Exception as err:  # noqa: BLE001 - safetensors' SafetensorError on a corrupt or truncated header
+        raise ValueError(f"{path}: not a readable .safetensors file ({' '.join(str(err).split())})") from None
+    try:
+        return detect_single_file_family(keys, ndim), "v_pred" in keys
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def single_file_components_held(path: str | os.PathLike) -> tuple[str, ...]:
+    """The pipeline components whose weights a ``.safetensors`` single file holds (header only)."""
+    from safetensors import safe_open
+
+    family, _ = read_single_file_family(path)
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
-        proj_ins = (k for k in sorted(keys) if k.startswith(DENOISER_PREFIX) and k.endswith(".proj_in.weight"))
-        proj_in = next(proj_ins, None)
-        ndim = len(f.get_slice(proj_in).get_shape()) if proj_in else None
-    return detect_single_file_family(keys, ndim), "v_pred" in keys
+    return tuple(c for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if _holds(keys, kind, prefix))
+
+
+# What a Hub --base_config contributes: configs and tokenizers of every component, weights of the missing ones.
+_CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model")
+_SKIPPED_WEIGHTS = ("*.fp16.*", "*.bf16.*", "*non_ema*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx")
+
+
+def base_config_folder(
+    base_config: str | os.PathLike, single_file: str | os.PathLike, revision: str | None = None, weights: bool = True
+) -> Path:
+    """The local diffusers folder ``--base_config`` names: the folder itself, or a Hub repository's snapshot.
+
+    From the Hub only what the single file lacks is fetched: model_index.json, every config and tokenizer,
+    and (``weights``) the safetensors weights of the components that are not in the file (T5 and the CLIPs
+    beside flux1-dev.safetensors); never the weights the file replaces, never pickles.
+    """
+    path = Path(base_config).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    model_index = json.loads(Path(_hub_file(str(base_config), "model_index.json", revision)).read_text())
+    held = set(single_file_components_held(single_file))
+    missing = [
+        name
+        for name, spec in model_index.items()
+        if not name.startswith("_") and isinstance(spec, (list, tuple)) and name not in held
+        and name not in UNUSED_COMPONENTS
+    ]  # fmt: skip
+    patterns = [*_CONFIG_PATTERNS, *(f"{name}/*.safetensors" for name in missing if weights)]
+    try:
+        return Path(
+            snapshot_download(
+                str(base_config), revision=revision, allow_patterns=patterns, ignore_patterns=list(_SKIPPED_WEIGHTS)
+            )
+        )
+    except Exception as err:  # noqa: BLE001 - offline, gated, missing repository: one line
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(
+            f"--base_config {base_config}: the Hub repository could not be fetched ({reason}); "
+            "pass --base_config DIR, a local diffusers folder of the same model"
+        ) from None
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except Exception as err:  # noqa: BLE001 - offline, gated, missing repository: one line
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(
+            f"--base_config {repo_id}: its {filename} could not be fetched from the Hub ({reason}); "
+            "pass --base_config DIR, a local diffusers folder of the same model"
+        ) from None
 
 
 def _model_index(config_dir: Path) -> dict:

@@ -25,6 +25,7 @@ def run_merge(args) -> int:
             args.base,
             [parse_adapter_spec(a) for a in args.adapter],
             args.output,
+            base_config=getattr(args, "base_config", None),
             dtype=args.dtype,
             components=components,
             overwrite=args.overwrite,

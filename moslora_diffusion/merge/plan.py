@@ -56,6 +56,7 @@ def merge_checkpoint(
     adapters: Iterable,
     output: str | os.PathLike,
     *,
+    base_config: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     components: Sequence[str] | None = None,
     overwrite: bool = False,
@@ -69,19 +70,42 @@ def merge_checkpoint(
     the base and each adapter with its weight and sha256. ``dtype`` ("fp32", "fp16", "bf16") casts the
     floating-point tensors (default: each keeps the base's dtype); the maths is fp32 either way.
     Every input is checked before anything is written; the output appears complete or not at all.
+
+    ``base`` may also be a single-file ``.safetensors`` checkpoint, completed by ``base_config`` (a diffusers
+    folder or hub id of the same family; default the family's reference repository): see
+    :mod:`.single_file_base`.
     """
     start = time.perf_counter()
+    if Path(base).is_file():
+        return _merge_into_single_file(
+            Path(base), adapters, Path(output), start, base_config=base_config, dtype=dtype, components=components,
+            overwrite=overwrite, progress=progress,
+        )  # fmt: skip
+    if base_config is not None:
+        raise ValueError(f"--base_config completes a single-file --base, but --base {base} is not a file; leave it out")
     plan = MergePlan(base, adapters, output, dtype=dtype, components=components, overwrite=overwrite, progress=progress)
-    written = plan.write()
-    result = MergeResult(
-        plan.output,
-        plan.family.name,
-        plan.specs,
-        list(plan.deltas.targets),
-        plan.merged.merged,
-        written,
-        time.perf_counter() - start,
-    )
+    return _result(plan, plan.write(), plan.merged.merged, start)
+
+
+def _merge_into_single_file(base: Path, adapters, output: Path, start: float, *, base_config, **options) -> MergeResult:
+    from .single_file_base import SingleFileMergePlan, folder_twin
+
+    if output.suffix == ".safetensors":
+        plan = SingleFileMergePlan(base, adapters, output, base_config=base_config, **options)
+        written = plan.write()
+        return _result(plan, written, plan.merged, start)
+    check_output(output, base, options["overwrite"])  # before the conversion, which takes a while
+    twin = folder_twin(base, base_config, output.parent)
+    try:
+        plan = MergePlan(twin.folder, adapters, output, source=base, **options)
+        return _result(plan, plan.write(), plan.merged.merged, start)
+    finally:
+        twin.cleanup()
+
+
+def _result(plan, written: int, merged: int, start: float) -> MergeResult:
+    elapsed = time.perf_counter() - start
+    result = MergeResult(plan.output, plan.family.name, plan.specs, list(plan.deltas.targets), merged, written, elapsed)
     logger.info(result.summary())
     return result
 
@@ -89,8 +113,9 @@ def merge_checkpoint(
 class MergePlan:
     """Everything a merge needs, checked up front: nothing is written until :meth:`write`."""
 
-    def __init__(self, base, adapters, output, *, dtype, components, overwrite, progress=False):
+    def __init__(self, base, adapters, output, *, dtype, components, overwrite, progress=False, source=None):
         self.base = resolve_base(base)
+        self.source = Path(source) if source is not None else self.base  # what the merge record names as the base
         self.family = family_of_model_dir(self.base)
         self.specs = as_specs(adapters)
         self.output = Path(output)
@@ -174,9 +199,7 @@ def resolve_base(base: str | os.PathLike) -> Path:
             raise ValueError(f"--base {path}: not a diffusers pipeline folder (no model_index.json)")
         return path
     if path.exists():
-        raise ValueError(
-            f"--base {path}: a file; give a diffusers pipeline folder (single-file bases are not supported)"
-        )
+        raise ValueError(f"--base {path}: a file; give a diffusers pipeline folder or a .safetensors single file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)):
         try:
             from huggingface_hub import snapshot_download

@@ -98,7 +98,7 @@ def write_single_file(plan: MergePlan, tmp: Path) -> int:
 def merge_record(plan: MergePlan) -> dict:
     return {
         "tool": f"moslora-diffusion {__version__}",
-        "base": str(plan.base),
+        "base": str(plan.source),
         "family": plan.family.name,
         "adapters": [
             {"path": str(s.path), "weight": s.weight, "files": _sha256_of_adapter(s.path)} for s in plan.specs

@@ -78,10 +78,12 @@ _OPTIMIZER, _SPEED = "optimizer, learning rates by role, EMA", "speed"
 class RunConfig:
     """Every setting of a DreamBooth run, as given (flags over --config) and completed by the checks.
 
-    After :func:`parse_run_config`: ``lora_alpha``, both target-module fields, both learning rates (per
-    --optimizer) and ``optimizer`` (--use_8bit_adam folded in) are resolved (never None), and
+    After :func:`parse_run_config`: ``rank``, ``lora_alpha``, both target-module fields, both learning rates
+    (per --optimizer) and ``optimizer`` (--use_8bit_adam folded in) are resolved (never None), and
     ``validation_prompt`` is a tuple of prompts; after :func:`.run_inputs.resolve_run_inputs`: ``seed`` and
-    ``report_to`` too, and ``validation_prompt`` holds those of --validation_prompts_file as well.
+    ``report_to`` too, and ``validation_prompt`` holds those of --validation_prompts_file as well. With
+    ``--init_lora``, ``rank`` and ``lora_alpha`` not given come from the file in resolve_run_inputs, and
+    ``target_modules`` not given stays None (the file's modules, known once the base is loaded).
     Values that need the loaded base (the default resolution, the number of steps of an epoch-based run,
     learning rates under --scale_lr) are the recipe's own local values, never written back here.
     """
@@ -89,7 +91,8 @@ class RunConfig:
     # ---------------------------------------------------------------- base model
     pretrained_model_name_or_path: str | None = flag(
         None,
-        "Diffusers pipeline folder or hub id (family read from model_index.json), or "
+        "Diffusers pipeline folder or hub id (family read from model_index.json), a single-file .safetensors "
+        "checkpoint (family read from its tensor names; see --base_config), or "
         "tiny:<sd15|sd2|sdxl|sd3|flux> for a tiny random offline pipeline (smoke runs).",
         group=_BASE,
     )
@@ -98,6 +101,13 @@ class RunConfig:
     )
     revision: str | None = flag(None, "Hub revision of the base model.", group=_BASE)
     variant: str | None = flag(None, "Weight variant of the base model files, e.g. fp16.", group=_BASE)
+    base_config: str | None = flag(
+        None,
+        "With a single-file base: a diffusers folder or hub id of the same family supplying the configs, "
+        "tokenizers and the components the file lacks (default: the family's reference hub repository; "
+        "a local folder needs no network).",
+        group=_BASE,
+    )
 
     # ---------------------------------------------------------------- data
     instance_data_dir: str | None = flag(None, "Folder with the images of your subject.", group=_DATA)
@@ -130,15 +140,20 @@ class RunConfig:
     )
 
     # ---------------------------------------------------------------- adapter
-    rank: int = flag(4, "LoRA rank r (the mixer is r x r).", group=_ADAPTER, check="positive")
-    lora_alpha: float | None = flag(None, "LoRA alpha; scale s = alpha / r. Default: the rank (s = 1).", group=_ADAPTER)
+    rank: int | None = flag(
+        None, "LoRA rank r (the mixer is r x r). Default: 4, or the --init_lora file's.", group=_ADAPTER, check="positive"
+    )
+    lora_alpha: float | None = flag(
+        None, "LoRA alpha; scale s = alpha / r. Default: the rank (s = 1). With --init_lora: the file's.", group=_ADAPTER
+    )
     lora_dropout: float = flag(0.0, "Dropout on the adapter input, in [0, 1).", group=_ADAPTER)
     use_rslora: bool = flag(False, "Rank-stabilised scaling s = alpha / sqrt(r).", group=_ADAPTER)
     mixer_init: str = flag("kaiming", "Initialisation of the r x r mixer M.", group=_ADAPTER, choices=MIXER_INITS)
     freeze_mixer: bool = flag(False, "Keep M fixed (identity + frozen is plain LoRA, the baseline).", group=_ADAPTER)
-    target_modules: str | tuple[str, ...] = flag(
-        "attention",
-        f"Denoiser modules to adapt: a preset ({', '.join(PRESET_NAMES)}) or comma-separated module names.",
+    target_modules: str | tuple[str, ...] | None = flag(
+        None,
+        f"Denoiser modules to adapt: a preset ({', '.join(PRESET_NAMES)}) or comma-separated module names. "
+        "Default: attention, or the --init_lora file's modules.",
         group=_ADAPTER,
         type=str,
     )
@@ -148,6 +163,13 @@ class RunConfig:
         "Default: --target_modules if it is a preset, else 'attention'.",
         group=_ADAPTER,
         type=str,
+    )
+    init_lora: str | None = flag(
+        None,
+        "Start from an existing LoRA file or folder (diffusers, kohya, native MoSLoRA, ...): its ranks, alphas "
+        "and modules, A and B copied, M = identity, so step 0 is that LoRA exactly. Its text-encoder layers "
+        "train with --train_text_encoder, else they stay as in the file.",
+        group=_ADAPTER,
     )
 
     # ---------------------------------------------------------------- training
@@ -449,6 +471,8 @@ _INPUT_PATH_KEYS = (
     "pretrained_model_name_or_path",
     "pretrained_vae_model_name_or_path",
     "validation_prompts_file",
+    "base_config",
+    "init_lora",
 )
 
 
@@ -560,8 +584,14 @@ def _checked(config: RunConfig) -> RunConfig:
             "prior preservation generates and trains on images of the class, e.g. 'a photo of a dog'",
         )
         _require(config, "class_data_dir", "prior preservation keeps its class images there")
+    # With --init_lora, rank, alpha and modules not given stay None: the file's, read by resolve_run_inputs.
+    from_file = config.init_lora is not None
+    target_modules = config.target_modules
+    if target_modules is None and not from_file:
+        target_modules = "attention"
     try:
-        target_modules = _as_immutable(parse_target_modules(str(config.target_modules)))
+        if target_modules is not None:
+            target_modules = _as_immutable(parse_target_modules(str(target_modules)))
         te_targets = config.text_encoder_target_modules
         if te_targets is None:
             te_targets = target_modules if target_modules in PRESET_NAMES else "attention"
@@ -582,11 +612,13 @@ def _checked(config: RunConfig) -> RunConfig:
         _check_one_prodigy_learning_rate(config, learning_rate, text_encoder_lr)
     if config.ema_decay > 1:
         raise UsageError(f"--ema_decay must be in (0, 1], got {config.ema_decay}")
+    rank = 4 if config.rank is None and not from_file else config.rank
     return dataclasses.replace(
         config,
+        rank=rank,
         target_modules=target_modules,
         text_encoder_target_modules=text_encoder_target_modules,
-        lora_alpha=config.rank if config.lora_alpha is None else config.lora_alpha,
+        lora_alpha=rank if config.lora_alpha is None and not from_file else config.lora_alpha,
         validation_prompt=validation_prompts,
         optimizer=optimizer,
         use_8bit_adam=optimizer == "adamw8bit",

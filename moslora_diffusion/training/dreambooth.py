@@ -54,6 +54,7 @@ from .config import RunConfig, UsageError
 from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
 from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .ema import AdapterEMA, register_ema_checkpoint_hooks
+from .init_lora import add_init_lora
 from .model_card import ModelCard
 from .objectives import make_objective
 from .optimizers import SCHEDULE_FREE, evaluation_weights, make_optimizer, parse_optimizer_args
@@ -132,6 +133,8 @@ def _train(
             f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)}); weights are "
             "read from .safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
         ) from None
+    except ValueError as err:  # a single-file base whose --base_config cannot be fetched or does not fit it
+        raise UsageError(f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)})") from None
     place_frozen_components(
         components, family, accelerator.device, weight_dtype, custom_vae=bool(config.pretrained_vae_model_name_or_path)
     )
@@ -177,12 +180,25 @@ def _train(
         )
 
     try:
-        trained = add_adapters(
-            components,
-            family,
-            adapter_config(config, config.target_modules),
-            adapter_config(config, config.text_encoder_target_modules) if config.train_text_encoder else None,
+        text_encoder_config = (
+            adapter_config(config, config.text_encoder_target_modules) if config.train_text_encoder else None
         )
+        if inputs.init_lora is not None:
+            trained = add_init_lora(
+                components,
+                family,
+                inputs.init_lora,
+                target_modules=config.target_modules,
+                train_text_encoder=config.train_text_encoder,
+                text_encoder_config=text_encoder_config,
+                train_mixer=not config.freeze_mixer,
+                lora_dropout=config.lora_dropout,
+                adapter_name=ADAPTER_NAME,
+            )
+        else:
+            trained = add_adapters(
+                components, family, adapter_config(config, config.target_modules), text_encoder_config
+            )
     except ValueError as err:
         raise UsageError(str(err)) from None
     if weight_dtype != torch.float32:
@@ -651,7 +667,7 @@ def _model_card(
     text_encoder_lr: float,
     seed: int,
 ) -> ModelCard:
-    adapter = adapter_config(config, config.target_modules)
+    adapter = trained[inputs.base.family.denoiser].peft_config[ADAPTER_NAME]  # the run's, or the --init_lora file's
     adapter_settings = {
         "rank r": adapter.r,
         "alpha": adapter.lora_alpha,
@@ -679,6 +695,8 @@ def _model_card(
         "prior preservation": f"{config.class_prompt!r}, weight {config.prior_loss_weight}"
         if config.with_prior_preservation
         else None,
+        "initial LoRA": config.init_lora,
+        "base configs": inputs.base.base_config,
         "mixed precision": config.mixed_precision or "no",
         "seed": seed,
     }

@@ -24,6 +24,7 @@ from .data import ImageFolderError, image_files
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
 from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
 from .validation import read_prompts_file
+from .init_lora import InitLoRA, read_init_lora
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class RunInputs:
     base: BaseModel  # the base pipeline's source and family (weights not loaded yet)
     instance_images: tuple[Path, ...]  # the readable images of --instance_data_dir, sorted by name
     resume_checkpoint: Path | None  # the checkpoint-<step> folder --resume_from_checkpoint names
+    init_lora: InitLoRA | None = None  # the LoRA --init_lora names, read and checked against the family
 
 
 def parse_run(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> tuple[RunConfig, RunInputs]:
@@ -61,7 +63,9 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
             raise UsageError(str(err)) from None
 
     try:
-        base = resolve_base_model(config.pretrained_model_name_or_path, revision=config.revision)
+        base = resolve_base_model(
+            config.pretrained_model_name_or_path, revision=config.revision, base_config=config.base_config
+        )
         instance_images = tuple(image_files(config.instance_data_dir, "--instance_data_dir"))
     except (ValueError, ImageFolderError) as err:
         raise UsageError(str(err)) from None
@@ -70,6 +74,13 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         raise UsageError(f"--pretrained_vae_model_name_or_path '{vae}' does not exist")
 
     family = base.family
+    init_lora = None
+    if config.init_lora:
+        try:
+            init_lora = read_init_lora(config.init_lora, family)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        config = _with_init_lora_rank_and_alpha(config, init_lora)
     if config.resolution is not None and config.resolution % family.resolution_multiple:
         raise UsageError(
             f"--resolution {config.resolution} must be a multiple of {family.resolution_multiple} for {family.name}"
@@ -109,7 +120,20 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
     config = dataclasses.replace(config, seed=seed, report_to=report_to, validation_prompt=validation_prompts)
-    return config, RunInputs(base, instance_images, resume_checkpoint)
+    return config, RunInputs(base, instance_images, resume_checkpoint, init_lora)
+
+
+def _with_init_lora_rank_and_alpha(config: RunConfig, init_lora: InitLoRA) -> RunConfig:
+    """--rank and --lora_alpha from the --init_lora file; given ones must agree with it (the denoiser's most
+    common rank, and the alpha of its most common scale at that rank)."""
+    for name, value in (("rank", init_lora.rank), ("lora_alpha", init_lora.lora_alpha)):
+        given = getattr(config, name)
+        if given is not None and float(given) != float(value):
+            raise UsageError(
+                f"--{name} {given:g} disagrees with --init_lora {config.init_lora}, whose {name} is {value:g}; "
+                f"leave --{name} out to train with the file's"
+            )
+    return dataclasses.replace(config, rank=init_lora.rank, lora_alpha=init_lora.lora_alpha)
 
 
 def _check_optimizer(config: RunConfig) -> None:
