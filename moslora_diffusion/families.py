@@ -46,6 +46,25 @@ def _clip_hidden_and_pooled(tokenizer, text_encoder, prompts: list[str]) -> tupl
     return out.hidden_states[-2], out[0]
 
 
+def _pack_2x2_patches(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux-style tokens: 2x2 latent patches (B, h/2 * w/2, 4C) and their (0, row, col) position ids.
+
+    Positions are fp32 whatever the weights' precision (RoPE is computed from them in high precision).
+    """
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, torch.float32)
+    return packed, image_ids
+
+
+def _unpack_2x2_patches(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_pack_2x2_patches`: (B, h/2 * w/2, 4C) tokens back to latents of ``shape``."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class Family:
     """Base class; subclasses fill in the class attributes and the denoiser-specific methods."""
 
@@ -376,14 +395,9 @@ class Flux(Family):
 
     @classmethod
     def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
-        from diffusers import FluxPipeline
-
-        b, c, h, w = noisy_latents.shape
+        b = noisy_latents.shape[0]
         prompt_embeds = conditioning["prompt_embeds"]
-        # Flux sees 2x2 latent patches as tokens, with (0, row, col) position ids; text tokens get zeros.
-        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-        # Positions in fp32 whatever the weights' precision (RoPE is computed from them in high precision).
-        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, torch.float32)
+        packed, image_ids = _pack_2x2_patches(noisy_latents)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=torch.float32)
         guidance = None
         if _config_of(denoiser).guidance_embeds:  # FLUX.1-dev distils classifier-free guidance into an input
@@ -398,10 +412,68 @@ class Flux(Family):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return packed_pred.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
 
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux)}
+class Chroma(Family):
+    """Chroma: a Flux.1-schnell derivative with T5 alone (attention-masked), no pooled text, no guidance input."""
+
+    name = "chroma"
+    pipeline_class = "ChromaPipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    t5_text_encoder = "text_encoder"
+    # ComfyUI's Chroma subclasses its Flux model, whose LoRA map reads OneTrainer's lora_transformer_ names;
+    # with no CLIP present it maps T5 under lora_te1_.
+    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1"}
+    ss_base_model_version = "chroma"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "chroma/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # T5 stays frozen, as in diffusers' Flux scripts
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("chroma", "chroma-diffusers")
+
+    @classmethod
+    def t5_tokenizer(cls):
+        return "tokenizer"
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer, t5 = components["tokenizer"], components["text_encoder"]
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        mask = tokens.attention_mask.to(_device_of(t5))
+        embeds = t5(tokens.input_ids.to(mask.device), attention_mask=mask, output_hidden_states=False)[0]
+        # As ChromaPipeline: the transformer sees the prompt and its first padding token, nothing after.
+        lengths = mask.sum(dim=1, keepdim=True)
+        positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+        return {"prompt_embeds": embeds, "prompt_attention_mask": (positions <= lengths).to(embeds.dtype)}
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        prompt_embeds, text_mask = conditioning["prompt_embeds"], conditioning["prompt_attention_mask"]
+        packed, image_ids = _pack_2x2_patches(noisy_latents)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=torch.float32)
+        image_mask = text_mask.new_ones(packed.shape[0], packed.shape[1])
+        packed_pred = denoiser(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            attention_mask=torch.cat([text_mask, image_mask], dim=1),
+            return_dict=False,
+        )[0]
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
+
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma)}
 
 
 # Every component name an adapter file may carry, over all families (denoisers first).
@@ -417,15 +489,18 @@ def get_family(name: str) -> type[Family]:
 
 
 def _family_from_class_and_unet(pipeline_class: str, use_linear_projection: bool | None) -> type[Family]:
-    for family in (SDXL, SD3, Flux):
+    for family in FAMILIES.values():
+        if family.denoiser == "transformer" and pipeline_class == family.pipeline_class:
+            return family
+    for family in (SDXL, SD3, Flux):  # and their img2img, inpaint, ... variants
         if pipeline_class.startswith(family.pipeline_class):
             return family
     if pipeline_class.startswith("StableDiffusion"):
         # SD 2.x UNets project with Linear layers; SD 1.x with 1x1 convs.
         return SD2 if use_linear_projection else SD15
     raise ValueError(
-        f"Unsupported pipeline {pipeline_class!r}: supported are StableDiffusion (1.x, 2.x), "
-        "StableDiffusionXL, StableDiffusion3 and Flux pipelines"
+        f"Unsupported pipeline {pipeline_class!r}: supported are StableDiffusion (1.x, 2.x), StableDiffusionXL, "
+        + ", ".join(f.pipeline_class for f in FAMILIES.values() if f.denoiser == "transformer")
     )
 
 

@@ -43,6 +43,7 @@ _KIND_BY_CLASS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "sd3_transformer",
     "FluxTransformer2DModel": "flux_transformer",
+    "ChromaTransformer2DModel": "flux_transformer",  # Flux's blocks with the same module names
     "CLIPTextModel": "clip_text",
     "CLIPTextModelWithProjection": "clip_text",
     "T5EncoderModel": "t5_text",

@@ -189,6 +189,32 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_encoders=("clip", "t5"),
         call=dict(guidance_scale=3.5, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "chroma": dict(
+        pipeline="ChromaPipeline",
+        denoiser=(
+            "transformer",
+            "ChromaTransformer2DModel",
+            dict(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels packed 2x2
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=TEXT_HIDDEN,  # T5 d_model
+                axes_dims_rope=(4, 6, 6),
+                approximator_hidden_dim=32,  # the distilled guidance network that makes the AdaLN inputs
+                approximator_layers=1,
+                approximator_num_channels=16,
+            ),
+        ),
+        vae=dict(
+            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+        ),
+        scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)),
+        text_encoders=("t5",),
+        call=dict(guidance_scale=3.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
