@@ -73,6 +73,9 @@ class Family:
     denoiser: ClassVar[str]  # "unet" or "transformer"
     text_encoders: ClassVar[tuple[str, ...]]
     t5_text_encoder: ClassVar[str | None] = None  # the one text encoder that is not a CLIP model
+    # An LLM text encoder (Qwen, Mistral) and its tokenizer, if the family has one
+    llm_text_encoder: ClassVar[str | None] = None
+    llm_tokenizer: ClassVar[str | None] = None
     # kohya / webui prefix of each adapted component
     kohya_prefixes: ClassVar[dict[str, str]]
     # what webui's LoRA card shows (ss_base_model_version) and the modelspec architecture
@@ -106,7 +109,7 @@ class Family:
     @classmethod
     def clip_text_encoders(cls) -> tuple[str, ...]:
         """The CLIP text encoders, whose module names in files keep CLIP's ``text_model.`` root."""
-        return tuple(c for c in cls.text_encoders if c != cls.t5_text_encoder)
+        return tuple(c for c in cls.text_encoders if c not in (cls.t5_text_encoder, cls.llm_text_encoder))
 
     @classmethod
     def load_components(
@@ -178,13 +181,13 @@ class Family:
 
     @classmethod
     def resolve_max_sequence_length(cls, components: dict[str, Any], requested: int | None) -> int | None:
-        """T5 prompt length: the request, else the family default capped at the tokenizer's own limit."""
+        """Prompt length (T5 or LLM tokens): the request, else the family default capped at the tokenizer's limit."""
         if cls.default_max_sequence_length is None:
             return None
         if requested is not None:
             return requested
-        t5_tokenizer = components.get(cls.t5_tokenizer())
-        limit = getattr(t5_tokenizer, "model_max_length", None) or cls.default_max_sequence_length
+        prompt_tokenizer = components.get(cls.t5_tokenizer() or cls.llm_tokenizer)
+        limit = getattr(prompt_tokenizer, "model_max_length", None) or cls.default_max_sequence_length
         return min(cls.default_max_sequence_length, limit)
 
     @classmethod
@@ -473,7 +476,68 @@ class Chroma(Family):
         return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
 
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma)}
+def _chat_prompts(tokenizer, prompts: list[str], **template_kwargs) -> list[str]:
+    """Each prompt as one user turn of the tokenizer's chat template, ready for the assistant's answer."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+        for p in prompts
+    ]
+
+
+def _llm_hidden_states(tokenizer, encoder, texts: list[str], max_length: int, layer: int) -> dict[str, torch.Tensor]:
+    """Hidden states of ``layer`` for ``texts`` padded to ``max_length``, and the token mask (1 = text)."""
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = _device_of(encoder)
+    mask = tokens.attention_mask.to(device)
+    out = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    hidden = out.hidden_states[layer]
+    return {"prompt_embeds": hidden, "prompt_attention_mask": mask.to(hidden.dtype)}
+
+
+class ZImage(Family):
+    """Z-Image: a single-stream DiT over Qwen3's second-to-last hidden states, one prompt per chat turn."""
+
+    name = "zimage"
+    pipeline_class = "ZImagePipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    llm_text_encoder = "text_encoder"
+    llm_tokenizer = "tokenizer"
+    # Current ComfyUI maps Z-Image LoRA keys through z_image_to_diffusers: diffusers module names under
+    # transformer. / diffusion_model., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
+    kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    ss_base_model_version = "z_image"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "z-image/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # the LLM stays frozen, as in diffusers' Z-Image script
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("z-image", "z-image-diffusers")
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer = components["tokenizer"]
+        texts = _chat_prompts(tokenizer, prompts, enable_thinking=True)  # as ZImagePipeline
+        return _llm_hidden_states(tokenizer, components["text_encoder"], texts, max_sequence_length, layer=-2)
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        # The transformer takes lists: per sample, its (C, frames=1, h, w) latents and its unpadded prompt tokens.
+        prompt_embeds, mask = conditioning["prompt_embeds"], conditioning["prompt_attention_mask"]
+        captions = [embeds[keep > 0] for embeds, keep in zip(prompt_embeds, mask)]
+        latents = list(noisy_latents.unsqueeze(2).unbind(dim=0))
+        # Z-Image's time runs the other way (1 = clean) and it predicts x_0 - noise: both flipped here.
+        out = denoiser(latents, (1000 - timesteps) / 1000, captions, return_dict=False)[0]
+        return -torch.stack(out, dim=0).squeeze(2)
+
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage)}
 
 
 # Every component name an adapter file may carry, over all families (denoisers first).

@@ -215,6 +215,36 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_encoders=("t5",),
         call=dict(guidance_scale=3.0, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "zimage": dict(
+        pipeline="ZImagePipeline",
+        denoiser=(
+            "transformer",
+            "ZImageTransformer2DModel",
+            dict(
+                all_patch_size=(2,),
+                all_f_patch_size=(1,),
+                in_channels=16,
+                dim=32,
+                n_layers=2,
+                n_refiner_layers=1,
+                n_heads=2,
+                n_kv_heads=2,
+                norm_eps=1e-5,
+                qk_norm=True,
+                cap_feat_dim=TEXT_HIDDEN,  # Qwen3's hidden size
+                rope_theta=256.0,
+                t_scale=1000.0,
+                axes_dims=(8, 4, 4),
+                axes_lens=(256, 32, 32),
+            ),
+        ),
+        # Padding embeddings the model creates with torch.empty: fixed so the weights are a function of the seed.
+        fill_with_ones=("x_pad_token", "cap_pad_token"),
+        vae=dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        text_encoders=("qwen3",),
+        call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
@@ -251,6 +281,26 @@ def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     printable = [chr(i) for i in range(33, 127)]
     vocab = specials + [("▁", -2.0)] + [(c, -5.0) for c in printable] + [("▁" + c, -6.0) for c in printable]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+# A Qwen-style chat template: Qwen3's, including its switch for the empty thinking block.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Byte-level Qwen2 tokenizer (no merges: one token per byte) with Qwen's chat special tokens and template."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate([*bytes_to_unicode().values(), *specials])}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE)
+    tokenizer.add_tokens(specials[1:], special_tokens=True)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +348,19 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
             decoder_start_token_id=tokenizer.pad_token_id,
         )
         return transformers.T5EncoderModel(config)
+    if kind == "qwen3":
+        config = transformers.Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=t5_width,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=t5_width // 2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return transformers.Qwen3Model(config)
     raise ValueError(f"unknown text encoder kind {kind!r}")
 
 
@@ -305,6 +368,7 @@ _TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "clip": make_clip_tokenizer,
     "clip_proj": make_clip_tokenizer,
     "t5": make_t5_tokenizer,
+    "qwen3": make_qwen_tokenizer,
 }
 
 
@@ -346,6 +410,9 @@ def make_tiny_pipeline(family: str, seed: int = 0, torch_dtype: torch.dtype = to
 
     with torch.random.fork_rng(devices=[]):
         components[denoiser_name] = seeded(lambda: getattr(diffusers, denoiser_cls)(**denoiser_cfg))
+        with torch.no_grad():
+            for name in spec.get("fill_with_ones", ()):
+                getattr(components[denoiser_name], name).fill_(1.0)
         components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
         for i, kind in enumerate(spec["text_encoders"]):
             suffix = "" if i == 0 else f"_{i + 1}"

@@ -189,6 +189,7 @@ def test_adapter_spec_existing_path_with_colon_is_a_path(tmp_path):
         ("sd3", (0.7, -0.5)),
         ("flux", (0.7, -0.5)),
         ("chroma", (0.7, -0.5)),
+        ("zimage", (0.7, -0.5)),
     ],
 )
 def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lora_file, tmp_path):

@@ -23,6 +23,7 @@ RUNS = {
     "sd3": ("folder", []),  # loads every component from subfolders, T5 included
     "flux": ("folder", ["--learning_rate", "5e-2"]),  # the tiny Flux's images move least per step
     "chroma": ("tiny", ["--learning_rate", "5e-2"]),
+    "zimage": ("folder", ["--learning_rate", "5e-2"]),  # the Qwen tokenizer and template survive a save
 }
 ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
