@@ -195,6 +195,11 @@ class Family:
         return None
 
     @classmethod
+    def vae_input(cls, pixels: torch.Tensor) -> torch.Tensor:
+        """What the VAE encodes for a batch of images (B, 3, H, W): the images themselves, for image VAEs."""
+        return pixels
+
+    @classmethod
     def latents_from_vae_sample(cls, vae_config, sample: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents from a VAE posterior sample: (x - shift) * scale."""
         shift = getattr(vae_config, "shift_factor", None) or 0.0
@@ -537,7 +542,82 @@ class ZImage(Family):
         return -torch.stack(out, dim=0).squeeze(2)
 
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage)}
+class QwenImage(Family):
+    """Qwen-Image: an MMDiT over Qwen2.5-VL's last hidden states, with a video VAE (one frame) and 2x2 packing."""
+
+    name = "qwenimage"
+    pipeline_class = "QwenImagePipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    llm_text_encoder = "text_encoder"
+    llm_tokenizer = "tokenizer"
+    # ComfyUI's Qwen-Image model keeps diffusers' module names; its LoRA map reads them bare, under
+    # transformer., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
+    kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    ss_base_model_version = "qwen_image"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "qwen-image/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # the LLM stays frozen, as in diffusers' Qwen-Image script
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("qwen-image", "qwen-image-diffusers")
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+        template, dropped = _QWEN_IMAGE_TEMPLATE, _QWEN_IMAGE_TEMPLATE_TOKENS
+        tokens = tokenizer([template.format(p) for p in prompts], padding=True, truncation=True,
+                           max_length=_QWEN_IMAGE_TOKENIZER_LIMIT + dropped, return_tensors="pt")
+        device = _device_of(encoder)
+        mask = tokens.attention_mask.to(device)
+        hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        # Drop the template's leading tokens, then fix the length: the prompt's tokens first, zeros after.
+        hidden, mask = hidden[:, dropped:], mask[:, dropped:]
+        hidden = F.pad(hidden, (0, 0, 0, max(0, max_sequence_length - hidden.shape[1])))[:, :max_sequence_length]
+        mask = F.pad(mask, (0, max(0, max_sequence_length - mask.shape[1])))[:, :max_sequence_length]
+        return {"prompt_embeds": hidden * mask[..., None].to(hidden.dtype), "prompt_attention_mask": mask.to(hidden.dtype)}
+
+    @classmethod
+    def vae_input(cls, pixels):
+        return pixels.unsqueeze(2)  # a video VAE: one frame
+
+    @classmethod
+    def latents_from_vae_sample(cls, vae_config, sample):
+        """Per-channel normalisation, (z - mean) / std, of the single frame."""
+        shape = (1, vae_config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae_config.latents_mean, device=sample.device, dtype=sample.dtype).view(shape)
+        std = torch.tensor(vae_config.latents_std, device=sample.device, dtype=sample.dtype).view(shape)
+        return ((sample - mean) / std).squeeze(2)
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        b, _, h, w = noisy_latents.shape
+        packed, _ = _pack_2x2_patches(noisy_latents)
+        packed_pred = denoiser(
+            hidden_states=packed,
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            encoder_hidden_states_mask=conditioning["prompt_attention_mask"],
+            timestep=timesteps / 1000,
+            img_shapes=[(1, h // 2, w // 2)] * b,
+            return_dict=False,
+        )[0]
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
+
+
+# QwenImagePipeline's prompt template, how many of its leading tokens (system turn) it drops, and its token limit.
+_QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+_QWEN_IMAGE_TEMPLATE_TOKENS = 34
+_QWEN_IMAGE_TOKENIZER_LIMIT = 1024
+
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage)}
 
 
 # Every component name an adapter file may carry, over all families (denoisers first).

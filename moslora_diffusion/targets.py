@@ -38,6 +38,10 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "attention": _UNET_ATTN,  # the layers' and both refiners' attention, as diffusers' Z-Image script
         "attention+ff": _UNET_ATTN + ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
     },
+    "qwenimage_transformer": {
+        "attention": _JOINT_ATTN,  # image and text streams; diffusers' script defaults to the image stream's four
+        "attention+ff": _JOINT_ATTN + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
+    },
     "llm_text": {"attention": _LLM_ATTN, "attention+ff": _LLM_ATTN + ["gate_proj", "up_proj", "down_proj"]},
     "clip_text": {"attention": _CLIP_ATTN, "attention+ff": _CLIP_ATTN + ["fc1", "fc2"]},
     "t5_text": {"attention": _T5_ATTN, "attention+ff": _T5_ATTN + ["wi_0", "wi_1", "wo"]},
@@ -54,6 +58,7 @@ _KIND_BY_CLASS = {
     "CLIPTextModelWithProjection": "clip_text",
     "T5EncoderModel": "t5_text",
     "ZImageTransformer2DModel": "zimage_transformer",
+    "QwenImageTransformer2DModel": "qwenimage_transformer",
     "Qwen3Model": "llm_text",
     "Qwen3ForCausalLM": "llm_text",
     "Qwen2_5_VLForConditionalGeneration": "llm_text",

@@ -245,6 +245,37 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_encoders=("qwen3",),
         call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "qwenimage": dict(
+        pipeline="QwenImagePipeline",
+        denoiser=(
+            "transformer",
+            "QwenImageTransformer2DModel",
+            dict(
+                patch_size=2,
+                in_channels=16,  # 4 latent channels packed 2x2
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=TEXT_HIDDEN,  # Qwen2.5-VL's hidden size
+                guidance_embeds=False,
+                axes_dims_rope=(8, 4, 4),
+            ),
+        ),
+        # Qwen-Image's video VAE (one frame per image), 4 latent channels, spatial stride 4.
+        vae_model=(
+            "AutoencoderKLQwenImage",
+            dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2]),
+        ),
+        scheduler=(
+            "FlowMatchEulerDiscreteScheduler",
+            dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                 max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+        ),
+        text_encoders=("qwen2_5_vl",),
+        call=dict(true_cfg_scale=1.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
@@ -283,6 +314,9 @@ def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+# Qwen2.5-VL's image markers (its config names their ids; no tiny prompt holds an image).
+_QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
 # A Qwen-style chat template: Qwen3's, including its switch for the empty thinking block.
 _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -296,7 +330,7 @@ def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_QWEN_VISION_TOKENS]
     vocab = {tok: i for i, tok in enumerate([*bytes_to_unicode().values(), *specials])}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE)
     tokenizer.add_tokens(specials[1:], special_tokens=True)
@@ -361,6 +395,27 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
             pad_token_id=tokenizer.pad_token_id,
         )
         return transformers.Qwen3Model(config)
+    if kind == "qwen2_5_vl":
+        vision_start, vision_end, image_pad = tokenizer.convert_tokens_to_ids(list(_QWEN_VISION_TOKENS))
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=dict(
+                hidden_size=t5_width,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+                rope_theta=1000000.0,
+            ),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=t5_width),
+            vocab_size=len(tokenizer),
+            vision_start_token_id=vision_start,
+            vision_end_token_id=vision_end,
+            image_token_id=image_pad,
+            vision_token_id=image_pad,
+        )
+        return transformers.Qwen2_5_VLForConditionalGeneration(config)
     raise ValueError(f"unknown text encoder kind {kind!r}")
 
 
@@ -369,6 +424,7 @@ _TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "clip_proj": make_clip_tokenizer,
     "t5": make_t5_tokenizer,
     "qwen3": make_qwen_tokenizer,
+    "qwen2_5_vl": make_qwen_tokenizer,
 }
 
 
@@ -413,7 +469,11 @@ def make_tiny_pipeline(family: str, seed: int = 0, torch_dtype: torch.dtype = to
         with torch.no_grad():
             for name in spec.get("fill_with_ones", ()):
                 getattr(components[denoiser_name], name).fill_(1.0)
-        components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
+        if "vae_model" in spec:  # a VAE other than the image AutoencoderKL
+            vae_cls, vae_cfg = spec["vae_model"]
+            components["vae"] = seeded(lambda: getattr(diffusers, vae_cls)(**vae_cfg))
+        else:
+            components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
         for i, kind in enumerate(spec["text_encoders"]):
             suffix = "" if i == 0 else f"_{i + 1}"
             tokenizer = _TOKENIZER_FACTORIES[kind]()

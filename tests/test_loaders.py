@@ -44,6 +44,7 @@ ADAPTERS = {
     # Chroma's one text encoder is T5, whose LoRA stock diffusers cannot read (its Flux loader takes CLIP keys only).
     "chroma": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
     "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},  # stock loads the transformer only
+    "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},  # likewise
 }
 FAMILIES = tuple(ADAPTERS)
 

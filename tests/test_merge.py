@@ -190,6 +190,7 @@ def test_adapter_spec_existing_path_with_colon_is_a_path(tmp_path):
         ("flux", (0.7, -0.5)),
         ("chroma", (0.7, -0.5)),
         ("zimage", (0.7, -0.5)),
+        ("qwenimage", (2.0, -1.5)),  # the tiny Qwen-Image moves least per unit of adapter
     ],
 )
 def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lora_file, tmp_path):
