@@ -36,7 +36,8 @@ from .families import get_family
 from .formats import DIFFUSERS_METADATA_KEY, config_scale, kohya_prefix, kohya_stem
 
 DIFFUSERS_FILE_LAYOUTS = {
-    "sd15": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft_folded", "flux": "peft_folded", "chroma": "peft_folded",
+    "sd15": "kohya", "sd2": "kohya", "sdxl": "kohya",
+    "sd3": "peft_folded", "flux": "peft_folded", "chroma": "peft_folded",
     "zimage": "peft_folded",
     "qwenimage": "peft_folded",
 }

@@ -574,12 +574,14 @@ class QwenImage(Family):
                            max_length=_QWEN_IMAGE_TOKENIZER_LIMIT + dropped, return_tensors="pt")
         device = _device_of(encoder)
         mask = tokens.attention_mask.to(device)
-        hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        out = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
         # Drop the template's leading tokens, then fix the length: the prompt's tokens first, zeros after.
         hidden, mask = hidden[:, dropped:], mask[:, dropped:]
         hidden = F.pad(hidden, (0, 0, 0, max(0, max_sequence_length - hidden.shape[1])))[:, :max_sequence_length]
         mask = F.pad(mask, (0, max(0, max_sequence_length - mask.shape[1])))[:, :max_sequence_length]
-        return {"prompt_embeds": hidden * mask[..., None].to(hidden.dtype), "prompt_attention_mask": mask.to(hidden.dtype)}
+        mask = mask.to(hidden.dtype)
+        return {"prompt_embeds": hidden * mask[..., None], "prompt_attention_mask": mask}
 
     @classmethod
     def vae_input(cls, pixels):

@@ -209,9 +209,13 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
             ),
         ),
         vae=dict(
-            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
         ),
-        scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)),
+        scheduler=(
+            "FlowMatchEulerDiscreteScheduler",
+            dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        ),
         text_encoders=("t5",),
         call=dict(guidance_scale=3.0, max_sequence_length=T5_MAX_LENGTH),
     ),
@@ -332,7 +336,9 @@ def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_QWEN_VISION_TOKENS]
     vocab = {tok: i for i, tok in enumerate([*bytes_to_unicode().values(), *specials])}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE
+    )
     tokenizer.add_tokens(specials[1:], special_tokens=True)
     return tokenizer
 

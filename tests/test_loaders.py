@@ -43,8 +43,9 @@ ADAPTERS = {
     "flux": {"transformer": dict(r=4, lora_alpha=8), "text_encoder": dict(r=2, lora_alpha=4)},
     # Chroma's one text encoder is T5, whose LoRA stock diffusers cannot read (its Flux loader takes CLIP keys only).
     "chroma": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
-    "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},  # stock loads the transformer only
-    "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},  # likewise
+    # Stock diffusers loads the transformer alone for Z-Image and Qwen-Image.
+    "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},
+    "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},
 }
 FAMILIES = tuple(ADAPTERS)
 

@@ -24,7 +24,7 @@ RUNS = {
     "flux": ("folder", ["--learning_rate", "5e-2"]),  # the tiny Flux's images move least per step
     "chroma": ("tiny", ["--learning_rate", "5e-2"]),
     "zimage": ("folder", ["--learning_rate", "5e-2"]),  # the Qwen tokenizer and template survive a save
-    "qwenimage": ("folder", ["--learning_rate", "5e-2"]),  # the video VAE's one-frame path, cached latents
+    "qwenimage": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # the video VAE, cached posteriors
 }
 ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
