@@ -35,7 +35,12 @@ import torch
 from .families import get_family
 from .formats import DIFFUSERS_METADATA_KEY, config_scale, kohya_prefix, kohya_stem
 
-DIFFUSERS_FILE_LAYOUTS = {"sd15": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft_folded", "flux": "peft_folded"}
+DIFFUSERS_FILE_LAYOUTS = {
+    "sd15": "kohya", "sd2": "kohya", "sdxl": "kohya",
+    "sd3": "peft_folded", "flux": "peft_folded", "chroma": "peft_folded",
+    "zimage": "peft_folded",
+    "qwenimage": "peft_folded",
+}
 
 # ComfyUI's generic text-encoder LoRA key: "text_encoders." + its own state-dict name of the weight.
 COMFYUI_T5_PREFIX = "text_encoders.t5xxl.transformer."

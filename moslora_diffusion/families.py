@@ -46,6 +46,25 @@ def _clip_hidden_and_pooled(tokenizer, text_encoder, prompts: list[str]) -> tupl
     return out.hidden_states[-2], out[0]
 
 
+def _pack_2x2_patches(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux-style tokens: 2x2 latent patches (B, h/2 * w/2, 4C) and their (0, row, col) position ids.
+
+    Positions are fp32 whatever the weights' precision (RoPE is computed from them in high precision).
+    """
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, torch.float32)
+    return packed, image_ids
+
+
+def _unpack_2x2_patches(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_pack_2x2_patches`: (B, h/2 * w/2, 4C) tokens back to latents of ``shape``."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class Family:
     """Base class; subclasses fill in the class attributes and the denoiser-specific methods."""
 
@@ -54,6 +73,9 @@ class Family:
     denoiser: ClassVar[str]  # "unet" or "transformer"
     text_encoders: ClassVar[tuple[str, ...]]
     t5_text_encoder: ClassVar[str | None] = None  # the one text encoder that is not a CLIP model
+    # An LLM text encoder (Qwen, Mistral) and its tokenizer, if the family has one
+    llm_text_encoder: ClassVar[str | None] = None
+    llm_tokenizer: ClassVar[str | None] = None
     # kohya / webui prefix of each adapted component
     kohya_prefixes: ClassVar[dict[str, str]]
     # what webui's LoRA card shows (ss_base_model_version) and the modelspec architecture
@@ -89,7 +111,7 @@ class Family:
     @classmethod
     def clip_text_encoders(cls) -> tuple[str, ...]:
         """The CLIP text encoders, whose module names in files keep CLIP's ``text_model.`` root."""
-        return tuple(c for c in cls.text_encoders if c != cls.t5_text_encoder)
+        return tuple(c for c in cls.text_encoders if c not in (cls.t5_text_encoder, cls.llm_text_encoder))
 
     @classmethod
     def load_components(
@@ -161,18 +183,23 @@ class Family:
 
     @classmethod
     def resolve_max_sequence_length(cls, components: dict[str, Any], requested: int | None) -> int | None:
-        """T5 prompt length: the request, else the family default capped at the tokenizer's own limit."""
+        """Prompt length (T5 or LLM tokens): the request, else the family default capped at the tokenizer's limit."""
         if cls.default_max_sequence_length is None:
             return None
         if requested is not None:
             return requested
-        t5_tokenizer = components.get(cls.t5_tokenizer())
-        limit = getattr(t5_tokenizer, "model_max_length", None) or cls.default_max_sequence_length
+        prompt_tokenizer = components.get(cls.t5_tokenizer() or cls.llm_tokenizer)
+        limit = getattr(prompt_tokenizer, "model_max_length", None) or cls.default_max_sequence_length
         return min(cls.default_max_sequence_length, limit)
 
     @classmethod
     def t5_tokenizer(cls) -> str | None:
         return None
+
+    @classmethod
+    def vae_input(cls, pixels: torch.Tensor) -> torch.Tensor:
+        """What the VAE encodes for a batch of images (B, 3, H, W): the images themselves, for image VAEs."""
+        return pixels
 
     @classmethod
     def latents_from_vae_sample(cls, vae_config, sample: torch.Tensor) -> torch.Tensor:
@@ -383,14 +410,9 @@ class Flux(Family):
 
     @classmethod
     def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
-        from diffusers import FluxPipeline
-
-        b, c, h, w = noisy_latents.shape
+        b = noisy_latents.shape[0]
         prompt_embeds = conditioning["prompt_embeds"]
-        # Flux sees 2x2 latent patches as tokens, with (0, row, col) position ids; text tokens get zeros.
-        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-        # Positions in fp32 whatever the weights' precision (RoPE is computed from them in high precision).
-        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, torch.float32)
+        packed, image_ids = _pack_2x2_patches(noisy_latents)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=torch.float32)
         guidance = None
         if _config_of(denoiser).guidance_embeds:  # FLUX.1-dev distils classifier-free guidance into an input
@@ -405,10 +427,206 @@ class Flux(Family):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return packed_pred.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
 
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux)}
+class Chroma(Family):
+    """Chroma: a Flux.1-schnell derivative with T5 alone (attention-masked), no pooled text, no guidance input."""
+
+    name = "chroma"
+    pipeline_class = "ChromaPipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    t5_text_encoder = "text_encoder"
+    # ComfyUI's Chroma subclasses its Flux model, whose LoRA map reads OneTrainer's lora_transformer_ names;
+    # with no CLIP present it maps T5 under lora_te1_.
+    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1"}
+    ss_base_model_version = "chroma"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "chroma/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # T5 stays frozen, as in diffusers' Flux scripts
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("chroma", "chroma-diffusers")
+
+    @classmethod
+    def t5_tokenizer(cls):
+        return "tokenizer"
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer, t5 = components["tokenizer"], components["text_encoder"]
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        mask = tokens.attention_mask.to(_device_of(t5))
+        embeds = t5(tokens.input_ids.to(mask.device), attention_mask=mask, output_hidden_states=False)[0]
+        # As ChromaPipeline: the transformer sees the prompt and its first padding token, nothing after.
+        lengths = mask.sum(dim=1, keepdim=True)
+        positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+        return {"prompt_embeds": embeds, "prompt_attention_mask": (positions <= lengths).to(embeds.dtype)}
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        prompt_embeds, text_mask = conditioning["prompt_embeds"], conditioning["prompt_attention_mask"]
+        packed, image_ids = _pack_2x2_patches(noisy_latents)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=torch.float32)
+        image_mask = text_mask.new_ones(packed.shape[0], packed.shape[1])
+        packed_pred = denoiser(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            attention_mask=torch.cat([text_mask, image_mask], dim=1),
+            return_dict=False,
+        )[0]
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
+
+
+def _chat_prompts(tokenizer, prompts: list[str], **template_kwargs) -> list[str]:
+    """Each prompt as one user turn of the tokenizer's chat template, ready for the assistant's answer."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+        for p in prompts
+    ]
+
+
+def _llm_hidden_states(tokenizer, encoder, texts: list[str], max_length: int, layer: int) -> dict[str, torch.Tensor]:
+    """Hidden states of ``layer`` for ``texts`` padded to ``max_length``, and the token mask (1 = text)."""
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = _device_of(encoder)
+    mask = tokens.attention_mask.to(device)
+    out = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    hidden = out.hidden_states[layer]
+    return {"prompt_embeds": hidden, "prompt_attention_mask": mask.to(hidden.dtype)}
+
+
+class ZImage(Family):
+    """Z-Image: a single-stream DiT over Qwen3's second-to-last hidden states, one prompt per chat turn."""
+
+    name = "zimage"
+    pipeline_class = "ZImagePipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    llm_text_encoder = "text_encoder"
+    llm_tokenizer = "tokenizer"
+    # Current ComfyUI maps Z-Image LoRA keys through z_image_to_diffusers: diffusers module names under
+    # transformer. / diffusion_model., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
+    kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    ss_base_model_version = "z_image"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "z-image/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # the LLM stays frozen, as in diffusers' Z-Image script
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("z-image", "z-image-diffusers")
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer = components["tokenizer"]
+        texts = _chat_prompts(tokenizer, prompts, enable_thinking=True)  # as ZImagePipeline
+        return _llm_hidden_states(tokenizer, components["text_encoder"], texts, max_sequence_length, layer=-2)
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        # The transformer takes lists: per sample, its (C, frames=1, h, w) latents and its unpadded prompt tokens.
+        prompt_embeds, mask = conditioning["prompt_embeds"], conditioning["prompt_attention_mask"]
+        captions = [embeds[keep > 0] for embeds, keep in zip(prompt_embeds, mask)]
+        latents = list(noisy_latents.unsqueeze(2).unbind(dim=0))
+        # Z-Image's time runs the other way (1 = clean) and it predicts x_0 - noise: both flipped here.
+        out = denoiser(latents, (1000 - timesteps) / 1000, captions, return_dict=False)[0]
+        return -torch.stack(out, dim=0).squeeze(2)
+
+
+class QwenImage(Family):
+    """Qwen-Image: an MMDiT over Qwen2.5-VL's last hidden states, with a video VAE (one frame) and 2x2 packing."""
+
+    name = "qwenimage"
+    pipeline_class = "QwenImagePipeline"
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    llm_text_encoder = "text_encoder"
+    llm_tokenizer = "tokenizer"
+    # ComfyUI's Qwen-Image model keeps diffusers' module names; its LoRA map reads them bare, under
+    # transformer., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
+    kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    ss_base_model_version = "qwen_image"
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    modelspec_architecture = "qwen-image/lora"
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16
+    trainable_text_encoders = ()  # the LLM stays frozen, as in diffusers' Qwen-Image script
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    license = "apache-2.0"
+    hub_tags = ("qwen-image", "qwen-image-diffusers")
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+        template, dropped = _QWEN_IMAGE_TEMPLATE, _QWEN_IMAGE_TEMPLATE_TOKENS
+        tokens = tokenizer([template.format(p) for p in prompts], padding=True, truncation=True,
+                           max_length=_QWEN_IMAGE_TOKENIZER_LIMIT + dropped, return_tensors="pt")
+        device = _device_of(encoder)
+        mask = tokens.attention_mask.to(device)
+        out = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        # Drop the template's leading tokens, then fix the length: the prompt's tokens first, zeros after.
+        hidden, mask = hidden[:, dropped:], mask[:, dropped:]
+        hidden = F.pad(hidden, (0, 0, 0, max(0, max_sequence_length - hidden.shape[1])))[:, :max_sequence_length]
+        mask = F.pad(mask, (0, max(0, max_sequence_length - mask.shape[1])))[:, :max_sequence_length]
+        mask = mask.to(hidden.dtype)
+        return {"prompt_embeds": hidden * mask[..., None], "prompt_attention_mask": mask}
+
+    @classmethod
+    def vae_input(cls, pixels):
+        return pixels.unsqueeze(2)  # a video VAE: one frame
+
+    @classmethod
+    def latents_from_vae_sample(cls, vae_config, sample):
+        """Per-channel normalisation, (z - mean) / std, of the single frame."""
+        shape = (1, vae_config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae_config.latents_mean, device=sample.device, dtype=sample.dtype).view(shape)
+        std = torch.tensor(vae_config.latents_std, device=sample.device, dtype=sample.dtype).view(shape)
+        return ((sample - mean) / std).squeeze(2)
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        b, _, h, w = noisy_latents.shape
+        packed, _ = _pack_2x2_patches(noisy_latents)
+        packed_pred = denoiser(
+            hidden_states=packed,
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            encoder_hidden_states_mask=conditioning["prompt_attention_mask"],
+            timestep=timesteps / 1000,
+            img_shapes=[(1, h // 2, w // 2)] * b,
+            return_dict=False,
+        )[0]
+        return _unpack_2x2_patches(packed_pred, noisy_latents.shape)
+
+
+# QwenImagePipeline's prompt template, how many of its leading tokens (system turn) it drops, and its token limit.
+_QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+_QWEN_IMAGE_TEMPLATE_TOKENS = 34
+_QWEN_IMAGE_TOKENIZER_LIMIT = 1024
+
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage)}
 
 
 # Every component name an adapter file may carry, over all families (denoisers first).
@@ -424,15 +642,18 @@ def get_family(name: str) -> type[Family]:
 
 
 def _family_from_class_and_unet(pipeline_class: str, use_linear_projection: bool | None) -> type[Family]:
-    for family in (SDXL, SD3, Flux):
+    for family in FAMILIES.values():
+        if family.denoiser == "transformer" and pipeline_class == family.pipeline_class:
+            return family
+    for family in (SDXL, SD3, Flux):  # and their img2img, inpaint, ... variants
         if pipeline_class.startswith(family.pipeline_class):
             return family
     if pipeline_class.startswith("StableDiffusion"):
         # SD 2.x UNets project with Linear layers; SD 1.x with 1x1 convs.
         return SD2 if use_linear_projection else SD15
     raise ValueError(
-        f"Unsupported pipeline {pipeline_class!r}: supported are StableDiffusion (1.x, 2.x), "
-        "StableDiffusionXL, StableDiffusion3 and Flux pipelines"
+        f"Unsupported pipeline {pipeline_class!r}: supported are StableDiffusion (1.x, 2.x), StableDiffusionXL, "
+        + ", ".join(f.pipeline_class for f in FAMILIES.values() if f.denoiser == "transformer")
     )
 
 

@@ -295,6 +295,8 @@ def single_file_components(family: str) -> tuple[str, ...]:
     """The pipeline components a single file of ``family`` holds."""
     if family not in SINGLE_FILE_LAYOUTS:
         raise ValueError(f"No single-file layout for family {family!r}; known: {', '.join(SINGLE_FILE_LAYOUTS)}")
+    if not SINGLE_FILE_LAYOUTS[family]:
+        raise ValueError(f"merging a {family} model into one single file is not supported yet; merge to a folder")
     return tuple(component for component, _, _ in SINGLE_FILE_LAYOUTS[family])
 
 

@@ -16,6 +16,7 @@ _UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 _JOINT_ATTN = _UNET_ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _T5_ATTN = ["q", "k", "v", "o"]
+_LLM_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Qwen, Mistral (Llama-style decoders)
 
 # model kind -> preset -> module-name suffixes
 PRESETS: dict[str, dict[str, list[str]]] = {
@@ -33,6 +34,15 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "attention+ff": _JOINT_ATTN
         + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
     },
+    "zimage_transformer": {
+        "attention": _UNET_ATTN,  # the layers' and both refiners' attention, as diffusers' Z-Image script
+        "attention+ff": _UNET_ATTN + ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
+    },
+    "qwenimage_transformer": {
+        "attention": _JOINT_ATTN,  # image and text streams; diffusers' script defaults to the image stream's four
+        "attention+ff": _JOINT_ATTN + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
+    },
+    "llm_text": {"attention": _LLM_ATTN, "attention+ff": _LLM_ATTN + ["gate_proj", "up_proj", "down_proj"]},
     "clip_text": {"attention": _CLIP_ATTN, "attention+ff": _CLIP_ATTN + ["fc1", "fc2"]},
     "t5_text": {"attention": _T5_ATTN, "attention+ff": _T5_ATTN + ["wi_0", "wi_1", "wo"]},
 }
@@ -43,9 +53,16 @@ _KIND_BY_CLASS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "sd3_transformer",
     "FluxTransformer2DModel": "flux_transformer",
+    "ChromaTransformer2DModel": "flux_transformer",  # Flux's blocks with the same module names
     "CLIPTextModel": "clip_text",
     "CLIPTextModelWithProjection": "clip_text",
     "T5EncoderModel": "t5_text",
+    "ZImageTransformer2DModel": "zimage_transformer",
+    "QwenImageTransformer2DModel": "qwenimage_transformer",
+    "Qwen3Model": "llm_text",
+    "Qwen3ForCausalLM": "llm_text",
+    "Qwen2_5_VLForConditionalGeneration": "llm_text",
+    "Mistral3ForConditionalGeneration": "llm_text",
 }
 
 

@@ -189,6 +189,97 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_encoders=("clip", "t5"),
         call=dict(guidance_scale=3.5, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "chroma": dict(
+        pipeline="ChromaPipeline",
+        denoiser=(
+            "transformer",
+            "ChromaTransformer2DModel",
+            dict(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels packed 2x2
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=TEXT_HIDDEN,  # T5 d_model
+                axes_dims_rope=(4, 6, 6),
+                approximator_hidden_dim=32,  # the distilled guidance network that makes the AdaLN inputs
+                approximator_layers=1,
+                approximator_num_channels=16,
+            ),
+        ),
+        vae=dict(
+            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
+        ),
+        scheduler=(
+            "FlowMatchEulerDiscreteScheduler",
+            dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        ),
+        text_encoders=("t5",),
+        call=dict(guidance_scale=3.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
+    "zimage": dict(
+        pipeline="ZImagePipeline",
+        denoiser=(
+            "transformer",
+            "ZImageTransformer2DModel",
+            dict(
+                all_patch_size=(2,),
+                all_f_patch_size=(1,),
+                in_channels=16,
+                dim=32,
+                n_layers=2,
+                n_refiner_layers=1,
+                n_heads=2,
+                n_kv_heads=2,
+                norm_eps=1e-5,
+                qk_norm=True,
+                cap_feat_dim=TEXT_HIDDEN,  # Qwen3's hidden size
+                rope_theta=256.0,
+                t_scale=1000.0,
+                axes_dims=(8, 4, 4),
+                axes_lens=(256, 32, 32),
+            ),
+        ),
+        # Padding embeddings the model creates with torch.empty: fixed so the weights are a function of the seed.
+        fill_with_ones=("x_pad_token", "cap_pad_token"),
+        vae=dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        text_encoders=("qwen3",),
+        call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
+    "qwenimage": dict(
+        pipeline="QwenImagePipeline",
+        denoiser=(
+            "transformer",
+            "QwenImageTransformer2DModel",
+            dict(
+                patch_size=2,
+                in_channels=16,  # 4 latent channels packed 2x2
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=TEXT_HIDDEN,  # Qwen2.5-VL's hidden size
+                guidance_embeds=False,
+                axes_dims_rope=(8, 4, 4),
+            ),
+        ),
+        # Qwen-Image's video VAE (one frame per image), 4 latent channels, spatial stride 4.
+        vae_model=(
+            "AutoencoderKLQwenImage",
+            dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2]),
+        ),
+        scheduler=(
+            "FlowMatchEulerDiscreteScheduler",
+            dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                 max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+        ),
+        text_encoders=("qwen2_5_vl",),
+        call=dict(true_cfg_scale=1.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
@@ -225,6 +316,31 @@ def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     printable = [chr(i) for i in range(33, 127)]
     vocab = specials + [("▁", -2.0)] + [(c, -5.0) for c in printable] + [("▁" + c, -6.0) for c in printable]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+# Qwen2.5-VL's image markers (its config names their ids; no tiny prompt holds an image).
+_QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+# A Qwen-style chat template: Qwen3's, including its switch for the empty thinking block.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Byte-level Qwen2 tokenizer (no merges: one token per byte) with Qwen's chat special tokens and template."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_QWEN_VISION_TOKENS]
+    vocab = {tok: i for i, tok in enumerate([*bytes_to_unicode().values(), *specials])}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE
+    )
+    tokenizer.add_tokens(specials[1:], special_tokens=True)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +388,40 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
             decoder_start_token_id=tokenizer.pad_token_id,
         )
         return transformers.T5EncoderModel(config)
+    if kind == "qwen3":
+        config = transformers.Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=t5_width,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=t5_width // 2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return transformers.Qwen3Model(config)
+    if kind == "qwen2_5_vl":
+        vision_start, vision_end, image_pad = tokenizer.convert_tokens_to_ids(list(_QWEN_VISION_TOKENS))
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=dict(
+                hidden_size=t5_width,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+                rope_theta=1000000.0,
+            ),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=t5_width),
+            vocab_size=len(tokenizer),
+            vision_start_token_id=vision_start,
+            vision_end_token_id=vision_end,
+            image_token_id=image_pad,
+            vision_token_id=image_pad,
+        )
+        return transformers.Qwen2_5_VLForConditionalGeneration(config)
     raise ValueError(f"unknown text encoder kind {kind!r}")
 
 
@@ -279,6 +429,8 @@ _TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "clip": make_clip_tokenizer,
     "clip_proj": make_clip_tokenizer,
     "t5": make_t5_tokenizer,
+    "qwen3": make_qwen_tokenizer,
+    "qwen2_5_vl": make_qwen_tokenizer,
 }
 
 
@@ -320,7 +472,14 @@ def make_tiny_pipeline(family: str, seed: int = 0, torch_dtype: torch.dtype = to
 
     with torch.random.fork_rng(devices=[]):
         components[denoiser_name] = seeded(lambda: getattr(diffusers, denoiser_cls)(**denoiser_cfg))
-        components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
+        with torch.no_grad():
+            for name in spec.get("fill_with_ones", ()):
+                getattr(components[denoiser_name], name).fill_(1.0)
+        if "vae_model" in spec:  # a VAE other than the image AutoencoderKL
+            vae_cls, vae_cfg = spec["vae_model"]
+            components["vae"] = seeded(lambda: getattr(diffusers, vae_cls)(**vae_cfg))
+        else:
+            components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
         for i, kind in enumerate(spec["text_encoders"]):
             suffix = "" if i == 0 else f"_{i + 1}"
             tokenizer = _TOKENIZER_FACTORIES[kind]()

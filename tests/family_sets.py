@@ -6,7 +6,7 @@ A parametrize list names one of these instead of restating family names, so a fa
 
 from moslora_diffusion.families import FAMILIES
 
-ALL_FAMILIES = tuple(FAMILIES)  # sd15, sd2, sdxl, sd3, flux
+ALL_FAMILIES = tuple(FAMILIES)  # sd15, sd2, sdxl, sd3, flux, chroma, ...
 UNET_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "unet")  # sd15, sd2, sdxl
 TRANSFORMER_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "transformer")
 # Single files in the LDM layout, which diffusers' StableDiffusionPipeline.from_single_file reads: sd15, sd2.
@@ -15,3 +15,5 @@ LDM_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.pipelin
 CLIENT_FAMILIES = ("sd15", "sdxl")
 # Kohya-style files stock diffusers reads: it has no reader for SD3's.
 DIFFUSERS_KOHYA_FAMILIES = ("sd15", "sdxl", "flux")
+# Families with a single-file layout (the newer ones merge to diffusers folders only, so far).
+SINGLE_FILE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.single_file_layout)

@@ -74,7 +74,7 @@ def _adaptable(family: str) -> list[str]:
     from moslora_diffusion.families import get_family
 
     spec = get_family(family)
-    return [spec.denoiser, *(c for c in spec.text_encoders if c != t5_component(family))]
+    return [spec.denoiser, *spec.clip_text_encoders()]  # T5 is added separately; LLM encoders are left alone
 
 
 @pytest.fixture(scope="module")

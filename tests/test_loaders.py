@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora
+from moslora_diffusion.families import get_family
 from moslora_diffusion.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
@@ -40,6 +41,11 @@ ADAPTERS = {
         "text_encoder_2": dict(r=2, lora_alpha=1),
     },
     "flux": {"transformer": dict(r=4, lora_alpha=8), "text_encoder": dict(r=2, lora_alpha=4)},
+    # Chroma's one text encoder is T5, whose LoRA stock diffusers cannot read (its Flux loader takes CLIP keys only).
+    "chroma": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
+    # Stock diffusers loads the transformer alone for Z-Image and Qwen-Image.
+    "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},
+    "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},
 }
 FAMILIES = tuple(ADAPTERS)
 
@@ -352,16 +358,16 @@ def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
 
 
 @pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
-def test_sd3_and_flux_kohya_files_follow_comfyuis_onetrainer_key_rule(saved, family):
-    """ComfyUI (comfy/lora.py, model_lora_keys_unet / _clip) maps, for SD3 and Flux,
-    "lora_transformer_" + <diffusers module name, dots as _> to the transformer and lora_te1_ / lora_te2_ +
-    <HF module name, dots as _> to the text encoders, and adds alpha / rank * up @ down to the weight. The
-    bundled ComfyUI predates SD3 and Flux, so this applies that rule by hand."""
+def test_transformer_kohya_files_follow_comfyuis_key_rule(saved, family):
+    """Current ComfyUI (comfy/lora.py, model_lora_keys_unet / _clip) maps, for SD3, Flux and the Flux
+    subclasses (Chroma, Flux.2), "lora_transformer_" + <diffusers module name, dots as _> to the
+    transformer (OneTrainer's names); for Qwen-Image and Z-Image "lycoris_" + the same (SimpleTuner's); and
+    lora_te1_ / lora_te2_ + <HF module name, dots as _> to the text encoders; it adds alpha / rank * up @ down
+    to the weight. The bundled ComfyUI predates these models, so this applies that rule by hand."""
     s = saved(family)
     pipe = make_tiny_pipeline(family)
-    prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     modules = {}
-    for component, prefix in prefixes.items():
+    for component, prefix in get_family(family).kohya_prefixes.items():
         model = getattr(pipe, component)
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):

@@ -19,9 +19,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora, fold_mixer_into_lora_b
-from moslora_diffusion.families import family_of_pipeline
+from moslora_diffusion.families import family_of_pipeline, get_family
 from moslora_diffusion.cli import main as moslora_main
 from moslora_diffusion.merge import AdapterSpec, merge_adapters, merge_checkpoint, parse_adapter_spec
+from moslora_diffusion.targets import resolve_target_modules
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +56,8 @@ def make_lora_file(
     pipe = make_tiny_pipeline(family)
     fam = family_of_pipeline(pipe)
     loadable = type(pipe)._lora_loadable_modules
-    components = [fam.denoiser] + ([c for c in fam.text_encoders if c in loadable] if text_encoders else [])
+    # Stock diffusers loads LoRA on CLIP text encoders only (never T5).
+    components = [fam.denoiser] + ([c for c in fam.clip_text_encoders() if c in loadable] if text_encoders else [])
     kwargs = {}
     for i, component in enumerate(components):
         model = getattr(pipe, component)
@@ -64,7 +66,9 @@ def make_lora_file(
             add_moslora(model, config, "x")
             metadata = config.to_lora_config_kwargs()
         else:
-            targets = ["to_q", "to_v", "to_out.0"] if component == fam.denoiser else ["q_proj", "out_proj"]
+            # The denoiser's q, v and out; a text encoder's first and last attention projection (CLIP or T5).
+            attention = resolve_target_modules(model, "attention")
+            targets = ["to_q", "to_v", "to_out.0"] if component == fam.denoiser else [attention[0], attention[-1]]
             config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets)
             model.add_adapter(config, adapter_name="x")
             metadata = config.to_dict()
@@ -184,6 +188,9 @@ def test_adapter_spec_existing_path_with_colon_is_a_path(tmp_path):
         ("sdxl", (0.7, -0.5)),
         ("sd3", (0.7, -0.5)),
         ("flux", (0.7, -0.5)),
+        ("chroma", (0.7, -0.5)),
+        ("zimage", (0.7, -0.5)),
+        ("qwenimage", (2.0, -1.5)),  # the tiny Qwen-Image moves least per unit of adapter
     ],
 )
 def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lora_file, tmp_path):
@@ -192,8 +199,8 @@ def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lor
     adapters = list(zip(files, weights))
     output = tmp_path / "merged"
     result = merge_checkpoint(base, adapters, output)
-    # Text-encoder adapters are merged too (every family's MoSLoRA file carries them).
-    assert "text_encoder" in result.components and result.tensors_merged > 0
+    # Text-encoder adapters are merged too (every family's MoSLoRA file carries its CLIPs').
+    assert set(get_family(family).clip_text_encoders()) <= set(result.components) and result.tensors_merged > 0
 
     expected = images(stock_reference_pipeline(base, adapters), family)
     merged_pipe = DiffusionPipeline.from_pretrained(output)

@@ -14,7 +14,8 @@ from moslora_diffusion.single_file_bases import (
     load_single_file_components,
     read_single_file_family,
 )
-from moslora_diffusion.testing import FAMILIES, make_tiny_pipeline
+from moslora_diffusion.testing import make_tiny_pipeline
+from family_sets import SINGLE_FILE_FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +56,7 @@ def tiny_flux_converter(monkeypatch):
     monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", mapping)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SINGLE_FILE_FAMILIES)
 def test_the_family_is_read_from_the_keys(family, tmp_path):
     write_single_file(family, tmp_path / "model.safetensors")
     assert read_single_file_family(tmp_path / "model.safetensors") == (family, False)

@@ -22,6 +22,9 @@ RUNS = {
     "sdxl": ("tiny", ["--train_text_encoder", "--text_encoder_lr", "1e-2"]),  # both CLIP encoders too
     "sd3": ("folder", []),  # loads every component from subfolders, T5 included
     "flux": ("folder", ["--learning_rate", "5e-2"]),  # the tiny Flux's images move least per step
+    "chroma": ("tiny", ["--learning_rate", "5e-2"]),
+    "zimage": ("folder", ["--learning_rate", "5e-2"]),  # the Qwen tokenizer and template survive a save
+    "qwenimage": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # the video VAE, cached posteriors
 }
 ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 

@@ -63,10 +63,10 @@ def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def vae_posterior_parameters(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def vae_posterior_parameters(vae: nn.Module, pixels: torch.Tensor, family) -> torch.Tensor:
     """The VAE posterior of ``pixels`` as diffusers stores it: mean and log-variance stacked on channels."""
     device, dtype = _placement(vae)
-    return vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.parameters
+    return vae.encode(family.vae_input(pixels.to(device=device, dtype=dtype))).latent_dist.parameters
 
 
 def batch_latents(batch: dict, vae: nn.Module, family, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +76,7 @@ def batch_latents(batch: dict, vae: nn.Module, family, dtype: torch.dtype) -> to
         parameters = batch["latent_parameters"].to(device=device, dtype=vae_dtype)
     else:
         with torch.no_grad():
-            parameters = vae_posterior_parameters(vae, batch["pixel_values"])
+            parameters = vae_posterior_parameters(vae, batch["pixel_values"], family)
     sample = DiagonalGaussianDistribution(parameters).sample()
     # Contiguous: encoder outputs can be channels-last, cached posteriors are not.
     return family.latents_from_vae_sample(vae.config, sample).to(dtype).contiguous()

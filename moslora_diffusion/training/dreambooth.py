@@ -216,7 +216,8 @@ def _train(
     )
     if config.cache_latents:
         dataset.cache_latents(
-            functools.partial(vae_posterior_parameters, components["vae"]), progress=_progress(accelerator)
+            functools.partial(vae_posterior_parameters, components["vae"], family=family),
+            progress=_progress(accelerator),
         )
     sampler = EpochBatchSampler(
         len(dataset),
