@@ -130,3 +130,15 @@ def test_a_rerun_into_an_earlier_runs_folder_is_refused_unless_told_to_overwrite
 
     train("sd15", out, "--num_validation_images", "0", "--seed", "1", "--overwrite_output_dir")
     assert (out / WEIGHT_NAMES["native"]).read_bytes() != before[WEIGHT_NAMES["native"]]
+
+
+@pytest.mark.parametrize("other", [("--rank", "8"), ("--mixer_lr", "0")], ids=["rank", "optimizer groups"])
+def test_resuming_with_settings_the_checkpoint_does_not_fit_is_one_line(other, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(tiny_run_argv("sd15", out, "--num_validation_images", "0")) == 0
+    argv = tiny_run_argv("sd15", out, "--num_validation_images", "0", "--max_train_steps", "4", *other)
+    assert run_main([*argv, "--resume_from_checkpoint", "latest"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert f"cannot resume from {out / 'checkpoint-2'}: it does not fit this run's settings (" in line, line

@@ -301,7 +301,17 @@ def _train(
             check_rng_state_readable(inputs.resume_checkpoint, accelerator.process_index)
         except ValueError as err:
             raise TrainingStopped(str(err)) from None
-        accelerator.load_state(str(inputs.resume_checkpoint))
+        try:
+            accelerator.load_state(str(inputs.resume_checkpoint))
+        except (ValueError, KeyError, RuntimeError) as err:
+            if is_collective_failure(err, accelerator.num_processes):
+                raise
+            # An optimizer, scheduler or adapter that does not fit this run's settings (other flags, or a
+            # checkpoint of an older version whose optimizer had other parameter groups).
+            raise TrainingStopped(
+                f"cannot resume from {inputs.resume_checkpoint}: it does not fit this run's settings ({_reason(err)}); "
+                "resume with the flags of the run that wrote it, or start over with --overwrite_output_dir"
+            ) from None
         global_step = position.step = read_training_state(inputs.resume_checkpoint)["step"]
         logger.info("Resumed from %s at step %d", inputs.resume_checkpoint, global_step)
     if accelerator.is_main_process and config.report_to != "none":
@@ -433,7 +443,13 @@ def _train(
     if schedule_free:
         optimizer.eval()  # the files hold schedule-free AdamW's average x, the weights it evaluates
     written = _write_adapter_files(
-        accelerator, prepared_models, trained, family, output_dir, base_model=config.pretrained_model_name_or_path
+        accelerator,
+        prepared_models,
+        trained,
+        family,
+        output_dir,
+        frozen=_frozen_adapters(components, trained),
+        base_model=config.pretrained_model_name_or_path,
     )
     if accelerator.is_main_process:
         images = [(prompt, image) for prompt, row in validate(global_step, final=True) for image in row]
@@ -523,15 +539,29 @@ def _lock_output_dir(accelerator, output_dir: Path, may_replace_earlier_run: boo
     return lock
 
 
+def _frozen_adapters(components: dict, trained: dict) -> dict[str, torch.nn.Module]:
+    """Components that carry the adapter without training it (--init_lora's text-encoder layers): saved too."""
+    return {
+        name: model
+        for name, model in components.items()
+        if name not in trained and ADAPTER_NAME in (getattr(model, "peft_config", None) or {})
+    }
+
+
 def _write_adapter_files(
-    accelerator, prepared_models: dict, trained: dict, family, output_dir: Path, *, base_model: str
+    accelerator, prepared_models: dict, trained: dict, family, output_dir: Path, *, frozen: dict, base_model: str
 ) -> dict[str, Path]:
     """The final adapter in the three layouts, gathered whole from every process (a collective under FSDP or
-    ZeRO-3) and written by the main process; a write that fails stops every process with one line."""
+    ZeRO-3) and written by the main process; a write that fails stops every process with one line. ``frozen``
+    components (never prepared, so never sharded) are read as they are."""
+    from ..loaders import component_adapter_from_model
+
     adapters = gather_adapters(accelerator, prepared_models)
     written, failure = {}, None
     if accelerator.is_main_process:
         state = adapter_state(trained, adapters, family.name, ADAPTER_NAME, base_model)
+        for name, model in frozen.items():
+            state.components[name] = component_adapter_from_model(model, ADAPTER_NAME, name)
         try:
             written = write_adapter_files(state, output_dir)
         except OSError as err:
