@@ -31,7 +31,7 @@ from moslora_diffusion.formats import (
 )
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
-from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, TRANSFORMER_FAMILIES
+from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES
 
 ATOL = 1e-4  # fp32 images in [0, 1]
 
@@ -268,6 +268,62 @@ def test_kohya_names_unknown_to_the_pipeline_are_refused(saved, tmp_path):
     save_file(tensors, str(file))
     with pytest.raises(ValueError, match=f"{file}: 'lora_unet_no_such_block.lora_down.weight' names no module"):
         load_moslora_weights(make_tiny_pipeline("sd15"), file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Other trainers' files: the key forms they write, built from our adapter, read back exactly
+
+
+def test_sgm_named_sdxl_kohya_keys_load_exactly(saved, tmp_path):
+    """sd-scripts' SDXL files name UNet modules after Stability's own UNet (lora_unet_input_blocks_4_1_...)."""
+    from moslora_diffusion.formats.sgm_names import sgm_module_names
+
+    s = saved("sdxl")
+    pipe = make_tiny_pipeline("sdxl")
+    paths = [name for name, _ in pipe.unet.named_modules()]
+    to_sgm = {p.replace(".", "_"): sgm.replace(".", "_") for sgm, p in sgm_module_names(pipe.unet.config, paths).items()}
+    tensors = {}
+    for key, tensor in load_file(s.directory / KOHYA_WEIGHT_NAME).items():
+        stem, _, suffix = key.partition(".")
+        if stem.startswith("lora_unet_"):
+            stem = "lora_unet_" + to_sgm[stem.removeprefix("lora_unet_")]
+        tensors[f"{stem}.{suffix}"] = tensor
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in tensors)
+    save_file(tensors, str(tmp_path / "sgm.safetensors"))
+    assert load_moslora_weights(pipe, tmp_path / "sgm.safetensors") == "kohya"
+    assert_images_equal(images(pipe, "sdxl"), s.live)
+    stock = make_tiny_pipeline("sdxl")  # diffusers maps SGM names too: the two mappings agree
+    stock.load_lora_weights(tmp_path, weight_name="sgm.safetensors")
+    assert_images_equal(images(stock, "sdxl"), s.live)
+
+
+def test_ai_toolkit_flux_files_load_exactly(saved, tmp_path):
+    """ai-toolkit writes Flux LoRAs as transformer.<diffusers module>.lora_A/B.weight, scale folded, no metadata."""
+    from moslora_diffusion.formats import diffusers_state_dict, fold_scale_into_lora_b
+
+    s = saved("flux")
+    state = fold_scale_into_lora_b(read_adapter_file(s.directory / NATIVE_WEIGHT_NAME))
+    tensors, _ = diffusers_state_dict(state)
+    save_file(tensors, str(tmp_path / "ai_toolkit.safetensors"))
+    for loader in (load_moslora_weights, lambda pipe, file: pipe.load_lora_weights(file.parent, weight_name=file.name)):
+        pipe = make_tiny_pipeline("flux")
+        loader(pipe, tmp_path / "ai_toolkit.safetensors")
+        assert_images_equal(images(pipe, "flux"), s.live)
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_peft_keyed_files_of_earlier_versions_and_of_diffusers_still_load(saved, family, tmp_path):
+    """Before issue 16 our SD1/SD2/SDXL diffusers file held PEFT keys with lora_adapter_metadata, as diffusers'
+    own save_lora_weights writes: such files still read exactly."""
+    from moslora_diffusion.formats import diffusers_state_dict
+
+    s = saved(family)
+    tensors, metadata = diffusers_state_dict(read_adapter_file(s.directory / NATIVE_WEIGHT_NAME))
+    save_file(tensors, str(tmp_path / "peft.safetensors"), metadata)
+    pipe = make_tiny_pipeline(family)
+    assert load_moslora_weights(pipe, tmp_path / "peft.safetensors") == "diffusers"
+    assert_images_equal(images(pipe, family), s.live)
 
 
 # ------------------------------------------------------------------------------------------------
