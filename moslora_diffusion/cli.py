@@ -52,7 +52,9 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "Forge, ComfyUI; SD3/Flux in sd-scripts' names); onetrainer: ..._onetrainer.safetensors (SD3/Flux "
         "under diffusers names, lora_transformer_)",
     )
-    parser.add_argument("--to", choices=("diffusers", "kohya", "both"), help="older spelling of --layout (both: diffusers and kohya)")
+    parser.add_argument(
+        "--to", choices=("diffusers", "kohya", "both"), help="older spelling of --layout (both: diffusers and kohya)"
+    )
     parser.add_argument("--output_dir", help="where to write (default: the adapter's folder)")
     parser.add_argument("--title", help="title on the kohya LoRA card (default: the output folder's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -270,7 +272,9 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("DreamBooth-train a MoSLoRA adapter (SD 1.x/2.x, SDXL, SD3, Flux); flags as diffusers' scripts", _train_arguments, _run_train),
-    "export": Subcommand("write the folded diffusers, kohya or OneTrainer files of a native adapter", _export_arguments, _run_export),
+    "export": Subcommand(
+        "write the folded diffusers, kohya or OneTrainer files of a native adapter", _export_arguments, _run_export
+    ),
     "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
     "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
     "merge": Subcommand("bake adapters into a base model: a diffusers folder or a single-file checkpoint", _merge_arguments, _run_merge),

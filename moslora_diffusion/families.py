@@ -313,7 +313,12 @@ class SD3(Family):
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
     diffusers_file_layout = "peft_folded"
     kohya_file_layout = "sd_scripts"
-    sd_scripts_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
+    sd_scripts_prefixes = {
+        "transformer": "lora_unet",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+        "text_encoder_3": "lora_te3",
+    }
     sd_scripts_blocks = ("joint_blocks",)
     ss_base_model_version = "sd3"
     # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.

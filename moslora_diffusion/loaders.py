@@ -122,7 +122,9 @@ def save_moslora_weights(
             "Stock diffusers' %s.load_lora_weights ignores LoRA on %s; load_moslora_weights and ComfyUI load it",
             type(pipe).__name__, ", ".join(ignored),
         )  # fmt: skip
-    denoiser_config = dict(getattr(getattr(pipe, family.denoiser), "config", {}))
+    # Places SD3/Flux modules in sd-scripts' layout; inferred from the adapter where the model has none.
+    config = getattr(getattr(pipe, family.denoiser, None), "config", None)
+    denoiser_config = dict(config) if config is not None else None
     paths = write_adapter_files(state, save_directory, title=title, denoiser_config=denoiser_config)
     logger.info(
         "Saved %s adapter %r (%s) to %s",

@@ -119,7 +119,10 @@ def detect_format(
     if kohya:
         # sd-scripts' Flux / SD3 files name the original model's (fused) modules: lora_unet_double_blocks_0_...
         blocks = [
-            f"{f.sd_scripts_prefixes[f.denoiser]}_{b}_" for f in FAMILIES.values() if f.sd_scripts_prefixes for b in f.sd_scripts_blocks
+            f"{f.sd_scripts_prefixes[f.denoiser]}_{block}_"
+            for f in FAMILIES.values()
+            if f.sd_scripts_prefixes
+            for block in f.sd_scripts_blocks
         ]
         return "sd_scripts" if any(k.startswith(tuple(blocks)) for k in kohya) else "kohya"
     if peft:

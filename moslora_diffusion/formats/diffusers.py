@@ -21,7 +21,14 @@ from ..clip_names import without_clip_root
 from ..config import MOSLORA_ONLY_FIELDS
 from ..families import ADAPTER_COMPONENTS, get_family
 from .checks import check_component_config, check_ranks_match_config, checked_family, json_metadata, require_finite
-from .names import COMFYUI_T5_PREFIX, DIFFUSERS_METADATA_KEY, FACTOR_SUFFIXES, group_modules, provenance_metadata, split_component
+from .names import (
+    COMFYUI_T5_PREFIX,
+    DIFFUSERS_METADATA_KEY,
+    FACTOR_SUFFIXES,
+    group_modules,
+    provenance_metadata,
+    split_component,
+)
 from .state import CONFIG_FIELDS, AdapterState, ComponentAdapter, LayerFactors, config_scale, infer_component_config
 
 
@@ -70,7 +77,8 @@ def t5_keys_from_comfyui(tensors: dict[str, torch.Tensor], family: str | None, p
             f"{path}: {first!r} is a T5 key, but the file names no family with T5 (metadata moslora.family: "
             f"{family!r}), so its component (Flux: text_encoder_2, SD3: text_encoder_3) is unknown"
         )
-    return {(f"{t5}.{k[len(COMFYUI_T5_PREFIX):]}" if k.startswith(COMFYUI_T5_PREFIX) else k): v for k, v in tensors.items()}
+    renamed = {k: t5 + "." + k.removeprefix(COMFYUI_T5_PREFIX) for k in tensors if k.startswith(COMFYUI_T5_PREFIX)}
+    return {renamed.get(k, k): v for k, v in tensors.items()}
 
 
 def parse_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> AdapterState:

@@ -69,10 +69,13 @@ def t5_tensors_for_comfyui(adapter: ComponentAdapter) -> dict[str, torch.Tensor]
     return tensors
 
 
-def diffusers_file_state_dict(state: AdapterState, title: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def diffusers_file_state_dict(
+    state: AdapterState, title: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What ``pytorch_lora_weights.safetensors`` holds for ``state``'s family (``Family.diffusers_file_layout``)."""
     if state.family is None:
-        raise ValueError(f"{state.source_path or 'adapter'}: the model family is unknown, so the diffusers file's layout is too")
+        where = state.source_path or "adapter"
+        raise ValueError(f"{where}: the model family is unknown, so the diffusers file's layout is too")
     family = get_family(state.family)
     if family.diffusers_file_layout == "kohya":
         return kohya_state_dict(state, title)

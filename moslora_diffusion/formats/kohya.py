@@ -61,7 +61,8 @@ def kohya_state_dict(
     tensors: dict[str, torch.Tensor] = {}
     for component, adapter in state.components.items():
         if component not in prefixes:
-            raise ValueError(f"{state.source_path or 'adapter'}: {family.name} files have no kohya prefix for {component!r}")
+            where = state.source_path or "adapter"
+            raise ValueError(f"{where}: {family.name} files have no kohya prefix for {component!r}")
         alpha = most_common_alpha(adapter.layers.values())
         for path, layer in adapter.layers.items():
             stem = kohya_stem(prefixes[component], path)

@@ -259,9 +259,10 @@ def sd_scripts_state_dict(
     (the transformer's config) is inferred from the adapter's own module names and shapes if not given."""
     family = get_family(state.family) if state.family else None
     if family is None or not family.sd_scripts_prefixes:
-        raise ValueError(f"{state.source_path or 'adapter'}: sd-scripts' original-model layout is for SD3 and Flux only")
+        where = state.source_path or "adapter"
+        raise ValueError(f"{where}: sd-scripts' original-model layout is for SD3 and Flux only")
     layers = {
-        component: {path: Factors(layer.lora_A, layer.folded_lora_b(), layer.scale) for path, layer in adapter.layers.items()}
+        component: {p: Factors(layer.lora_A, layer.folded_lora_b(), layer.scale) for p, layer in adapter.layers.items()}
         for component, adapter in state.components.items()
     }
     if denoiser_config is None:

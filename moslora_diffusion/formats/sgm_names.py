@@ -29,6 +29,13 @@ _TOP = {
 }  # fmt: skip
 
 
+# A diffusers block (resnet, attention, down/upsampler conv), then the module inside it.
+_BLOCK = re.compile(
+    r"((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions)\.\d+|mid_block\.(?:resnets|attentions)\.\d+"
+    r"|(?:down_blocks|up_blocks)\.\d+\.(?:down|up)samplers\.0\.conv)(\.(.*))?$"
+)
+
+
 def _block_prefixes(config) -> dict[str, tuple[str, bool]]:
     """diffusers block prefix -> (SGM prefix, is a resnet) for a UNet2DConditionModel config."""
     levels = len(config["block_out_channels"])
@@ -56,7 +63,8 @@ def _block_prefixes(config) -> dict[str, tuple[str, bool]]:
             table[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{index}.0", True)
             table[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{index}.1", False)
             if j == up_per_level[i] and i < levels - 1:
-                table[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{index}.{2 if has_attention else 1}.conv", False)
+                after = 2 if has_attention else 1  # the upsampler follows the resnet (and the attention)
+                table[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{index}.{after}.conv", False)
             index += 1
     return table
 
@@ -70,8 +78,7 @@ def sgm_module_names(config, module_paths) -> dict[str, str]:
         if path in _TOP:
             names[_TOP[path]] = path
             continue
-        match = re.match(r"((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions)\.\d+|mid_block\.(?:resnets|attentions)\.\d+"
-                         r"|(?:down_blocks|up_blocks)\.\d+\.(?:down|up)samplers\.0\.conv)(\.(.*))?$", path)  # fmt: skip
+        match = _BLOCK.match(path)
         if match is None or match.group(1) not in blocks:
             continue
         prefix, is_resnet = blocks[match.group(1)]
