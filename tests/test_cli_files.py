@@ -20,7 +20,6 @@ from moslora_diffusion.cli import SUBCOMMANDS, main
 from moslora_diffusion.formats import (
     CHECKPOINT_CONFIG_KEY,
     DIFFUSERS_WEIGHT_NAME,
-    FORMATS,
     KOHYA_WEIGHT_NAME,
     NATIVE_WEIGHT_NAME,
     ONETRAINER_WEIGHT_NAME,
@@ -273,7 +272,7 @@ def test_resize_without_output_dir_writes_beside_the_adapter_and_never_over_it(c
     code, out, _ = run_cli(capsys, "resize", source, "--rank", 1)
     assert code == 0, out
     output = tmp_path / "sks-rank1"
-    assert sorted(p.name for p in output.iterdir()) == sorted(WEIGHT_NAMES[layout] for layout in FORMATS)
+    assert sorted(p.name for p in output.iterdir()) == sorted(WEIGHT_NAMES.values())
     assert str(output / NATIVE_WEIGHT_NAME) in out
     # The same default from the file itself; an existing output needs --overwrite; the input is never the output.
     code, _, err = run_cli(capsys, "resize", source / NATIVE_WEIGHT_NAME, "--rank", 1)

@@ -34,6 +34,7 @@ from .diffusers_file import diffusers_file_state_dict, fold_scale_into_lora_b
 from .files import (
     DIFFUSERS_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
+    LAYOUT_WEIGHT_NAMES,
     NATIVE_WEIGHT_NAME,
     ONETRAINER_WEIGHT_NAME,
     WEIGHT_NAMES,
@@ -72,6 +73,7 @@ __all__ = [
     "FORMAT_VERSION",
     "KOHYA_WEIGHT_NAME",
     "LAYOUTS",
+    "LAYOUT_WEIGHT_NAMES",
     "LORA_DTYPES",
     "NATIVE_HEADER_KEY",
     "NATIVE_WEIGHT_NAME",

@@ -37,12 +37,9 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what stock load_lo
 # Must not end in "pytorch_lora_weights.safetensors", or stock load_lora_weights(dir) could pick it.
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 ONETRAINER_WEIGHT_NAME = "pytorch_lora_weights_onetrainer.safetensors"
-WEIGHT_NAMES = {
-    "native": NATIVE_WEIGHT_NAME,
-    "diffusers": DIFFUSERS_WEIGHT_NAME,
-    "kohya": KOHYA_WEIGHT_NAME,
-    "onetrainer": ONETRAINER_WEIGHT_NAME,
-}
+# The files save_moslora_weights writes, and with export's OneTrainer file, every layout's file name.
+WEIGHT_NAMES = {"native": NATIVE_WEIGHT_NAME, "diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
+LAYOUT_WEIGHT_NAMES = {**WEIGHT_NAMES, "onetrainer": ONETRAINER_WEIGHT_NAME}
 
 _PARSERS = {"native": parse_native, "diffusers": parse_diffusers, "kohya": parse_kohya, "sd_scripts": parse_sd_scripts}
 
@@ -62,8 +59,8 @@ def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = 
         return file
     order = [prefer] + [f for f in LAYOUTS if f != prefer]
     for fmt in order:
-        if (path / WEIGHT_NAMES[fmt]).is_file():
-            return path / WEIGHT_NAMES[fmt]
+        if (path / LAYOUT_WEIGHT_NAMES[fmt]).is_file():
+            return path / LAYOUT_WEIGHT_NAMES[fmt]
     candidates = sorted(p.name for p in path.glob("*.safetensors"))
     if len(candidates) == 1:
         return path / candidates[0]
@@ -137,7 +134,7 @@ def write_adapter_files(
         raise FileExistsError(f"{directory} exists and is not a folder")
     title = title or directory.resolve().name
     built = {layout: layout_state_dict(state, layout, title, denoiser_config) for layout in layouts}
-    targets = {layout: directory / WEIGHT_NAMES[layout] for layout in layouts}
+    targets = {layout: directory / LAYOUT_WEIGHT_NAMES[layout] for layout in layouts}
     if not overwrite:
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing:
