@@ -1,7 +1,7 @@
 """The ``moslora`` command: one small function per subcommand, registered in ``SUBCOMMANDS``.
 
     moslora train --config FILE | --pretrained_model_name_or_path ... (flags of train_dreambooth_moslora.py)
-    moslora export ADAPTER [--to diffusers|kohya|both]   native file -> folded diffusers / kohya files
+    moslora export ADAPTER [--layout diffusers|kohya|onetrainer ...]   native file -> folded files for clients
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
     moslora resize ADAPTER --rank K [--output_dir DIR]   exact best rank-K approximation of each s B M A
     moslora merge --base DIR|FILE.safetensors --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
@@ -25,6 +25,7 @@ from pathlib import Path
 from . import _warnings  # noqa: F401  (library notices that are not the user's concern)
 
 EXIT_USAGE = 2
+EXPORT_LAYOUTS = ("diffusers", "kohya", "onetrainer")  # formats.names.LAYOUTS less native (kept light for --help)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,18 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "adapter", help="native moslora_weights.safetensors, the folder holding it, or a training checkpoint-N folder"
     )
-    parser.add_argument("--to", choices=("diffusers", "kohya", "both"), default="both", help="layouts to write (default: both)")
+    parser.add_argument(
+        "--layout",
+        action="append",
+        choices=EXPORT_LAYOUTS,
+        help="a layout to write; repeat for several (default: diffusers and kohya). diffusers: "
+        "pytorch_lora_weights.safetensors (stock diffusers, ComfyUI); kohya: ..._kohya.safetensors (A1111, "
+        "Forge, ComfyUI; SD3/Flux in sd-scripts' names); onetrainer: ..._onetrainer.safetensors (SD3/Flux "
+        "under diffusers names, lora_transformer_)",
+    )
+    parser.add_argument(
+        "--to", choices=("diffusers", "kohya", "both"), help="older spelling of --layout (both: diffusers and kohya)"
+    )
     parser.add_argument("--output_dir", help="where to write (default: the adapter's folder)")
     parser.add_argument("--title", help="title on the kohya LoRA card (default: the output folder's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -58,7 +70,10 @@ def _run_export(args: argparse.Namespace) -> int:
             f"{source}: is a {state.source_format} file; export reads a native MoSLoRA file "
             "(moslora_weights.safetensors) or a training checkpoint folder"
         )
-    layouts = ("diffusers", "kohya") if args.to == "both" else (args.to,)
+    if args.to and args.layout:
+        raise ValueError("give --layout or --to, not both (--to is the older spelling)")
+    both = ("diffusers", "kohya")
+    layouts = tuple(dict.fromkeys(args.layout or (both if args.to in (None, "both") else (args.to,))))
     output_dir = Path(args.output_dir) if args.output_dir else _folder_of(source)
     paths = write_adapter_files(state, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     for layout, path in paths.items():
@@ -75,7 +90,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file",
-        help="an adapter file (native, diffusers or kohya), a folder holding one, or a training checkpoint-N folder",
+        help="an adapter file (native, diffusers, kohya, sd-scripts Flux/SD3, OneTrainer), a folder holding one, "
+        "or a training checkpoint-N folder",
     )
     parser.add_argument("--weight_name", help="file name inside a folder")
     parser.add_argument(
@@ -188,7 +204,9 @@ def _run_resize(args: argparse.Namespace) -> int:
     if output_dir.resolve() == source_dir.resolve():
         raise ValueError(f"--output_dir {output_dir}: is the adapter's own folder; write the resized adapter elsewhere")
     resized, report = resize_adapter(state, args.rank)
-    layouts = FORMATS if state.source_format in ("native", "checkpoint") else (state.source_format,)
+    # A file read in another trainer's layout is written in ours of the same kind (sd-scripts' is our kohya file's).
+    same_kind = {"sd_scripts": "kohya"}.get(state.source_format, state.source_format)
+    layouts = FORMATS if state.source_format in ("native", "checkpoint") else (same_kind,)
     paths = write_adapter_files(resized, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"rank": report.rank, "energy": report.energy, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
@@ -264,7 +282,9 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("DreamBooth-train a MoSLoRA adapter (SD 1.x/2.x, SDXL, SD3, Flux); flags as diffusers' scripts", _train_arguments, _run_train),
-    "export": Subcommand("write the folded diffusers and/or kohya files of a native adapter", _export_arguments, _run_export),
+    "export": Subcommand(
+        "write the folded diffusers, kohya or OneTrainer files of a native adapter", _export_arguments, _run_export
+    ),
     "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
     "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
     "merge": Subcommand("bake adapters into a base model: a diffusers folder or a single-file checkpoint", _merge_arguments, _run_merge),

@@ -87,6 +87,24 @@ class Family:
     # The Hub pipeline whose configs and tokenizers complete a single-file checkpoint (--base_config default).
     reference_repository: ClassVar[str]
 
+    # --- files for each client (docs/adapter-files.md) ------------------------------------------
+    # pytorch_lora_weights.safetensors: "kohya" (lora_unet_/lora_te keys, one alpha per component: stock
+    # diffusers, ComfyUI and LyCORIS read them alike) or "peft_folded" (diffusers keys with s folded into
+    # lora_B, alpha = r; T5 under ComfyUI's text_encoders.t5xxl.transformer., which diffusers never loads).
+    diffusers_file_layout: ClassVar[str] = "kohya"
+    # pytorch_lora_weights_kohya.safetensors: "kohya" (diffusers module names under kohya_prefixes) or
+    # "sd_scripts" (the original model's module names, q/k/v fused, as sd-scripts, Forge and ComfyUI read).
+    kohya_file_layout: ClassVar[str] = "kohya"
+    # sd-scripts' prefix of each component in that layout (networks/lora_flux.py, lora_sd3.py LORA_PREFIX_*)
+    sd_scripts_prefixes: ClassVar[dict[str, str]] = {}
+    # the original block names that mark a file in that layout (lora_unet_<block>_N_...)
+    sd_scripts_blocks: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def sd_scripts_modules(cls, denoiser_config: dict) -> list:
+        """The original model's Linears (``formats.sd_scripts.FusedModule``) for a denoiser config."""
+        raise ValueError(f"{cls.name} files have no original-model (sd-scripts) layout apart from the kohya one")
+
     # --- training -------------------------------------------------------------------------------
     objective: ClassVar[str]  # "noise_prediction" (epsilon / v from the scheduler) or "flow_matching"
     default_resolution: ClassVar[int]
@@ -322,9 +340,18 @@ class SD3(Family):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     t5_text_encoder = "text_encoder_3"
-    # sd-scripts' lora_unet_ names are the original MMDiT modules (fused qkv), which a per-projection
-    # LoRA does not have; ComfyUI reads diffusers module names under OneTrainer's lora_transformer_.
+    # kohya_prefixes: OneTrainer's layout (diffusers module names under lora_transformer_), which ComfyUI
+    # reads too; the kohya file uses sd-scripts' original MMDiT names (fused qkv) instead.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
+    diffusers_file_layout = "peft_folded"
+    kohya_file_layout = "sd_scripts"
+    sd_scripts_prefixes = {
+        "transformer": "lora_unet",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+        "text_encoder_3": "lora_te3",
+    }
+    sd_scripts_blocks = ("joint_blocks",)
     ss_base_model_version = "sd3"
     # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.
     single_file_layout = (("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))
@@ -342,6 +369,12 @@ class SD3(Family):
     @classmethod
     def t5_tokenizer(cls):
         return "tokenizer_3"
+
+    @classmethod
+    def sd_scripts_modules(cls, denoiser_config):
+        from .formats.sd_scripts import sd3_modules
+
+        return sd3_modules(denoiser_config)
 
     @classmethod
     def encode_prompt(cls, components, prompts, max_sequence_length=None):
@@ -379,8 +412,12 @@ class Flux(Family):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     t5_text_encoder = "text_encoder_2"
-    # As SD3: ComfyUI and diffusers read diffusers module names under lora_transformer_.
+    # As SD3: OneTrainer's lora_transformer_ layout; the kohya file uses sd-scripts' BFL names.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    diffusers_file_layout = "peft_folded"
+    kohya_file_layout = "sd_scripts"
+    sd_scripts_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
+    sd_scripts_blocks = ("double_blocks", "single_blocks")
     ss_base_model_version = "flux1"
     # As flux1-dev.safetensors: the transformer alone, with bare names.
     single_file_layout = (("transformer", "flux", ""),)
@@ -398,6 +435,12 @@ class Flux(Family):
     @classmethod
     def t5_tokenizer(cls):
         return "tokenizer_2"
+
+    @classmethod
+    def sd_scripts_modules(cls, denoiser_config):
+        from .formats.sd_scripts import flux_modules
+
+        return flux_modules(denoiser_config)
 
     @classmethod
     def encode_prompt(cls, components, prompts, max_sequence_length=None):
@@ -441,6 +484,7 @@ class Chroma(Family):
     # ComfyUI's Chroma subclasses its Flux model, whose LoRA map reads OneTrainer's lora_transformer_ names;
     # with no CLIP present it maps T5 under lora_te1_.
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1"}
+    diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "chroma"
     single_file_layout = ()  # not written yet: merge to a diffusers folder
     modelspec_architecture = "chroma/lora"
@@ -520,6 +564,7 @@ class ZImage(Family):
     # Current ComfyUI maps Z-Image LoRA keys through z_image_to_diffusers: diffusers module names under
     # transformer. / diffusion_model., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
     kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "z_image"
     single_file_layout = ()  # not written yet: merge to a diffusers folder
     modelspec_architecture = "z-image/lora"
@@ -561,6 +606,7 @@ class QwenImage(Family):
     # ComfyUI's Qwen-Image model keeps diffusers' module names; its LoRA map reads them bare, under
     # transformer., or with dots as _ under SimpleTuner's lycoris_ (not lora_transformer_).
     kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
+    diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "qwen_image"
     single_file_layout = ()  # not written yet: merge to a diffusers folder
     modelspec_architecture = "qwen-image/lora"

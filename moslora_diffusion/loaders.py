@@ -2,7 +2,7 @@
 
     save_moslora_weights(pipe, "out/")          # native + folded diffusers + kohya files, atomically
     pipe.load_lora_weights("out/")              # stock diffusers: the folded file, no code of ours
-    load_moslora_weights(pipe, "out/")          # any of the three, folded, through diffusers' loader
+    load_moslora_weights(pipe, "out/")          # any layout we read, folded, through diffusers' loader
     load_moslora_weights(pipe, "out/", trainable=True)   # MoSLoRA layers with a trainable mixer
 """
 
@@ -28,6 +28,7 @@ from .fileio import save_safetensors
 from .formats.diffusers import diffusers_state_dict
 from .formats.files import DIFFUSERS_WEIGHT_NAME, read_adapter_file, write_adapter_files
 from .formats.names import FACTOR_SUFFIXES
+from .formats.sgm_names import sgm_module_names
 from .formats.state import (
     AdapterState,
     ComponentAdapter,
@@ -70,10 +71,7 @@ def resolve_kohya_names(state: AdapterState, models: dict[str, nn.Module]) -> Ad
         if model is None:
             first = min(layer.source_key for layer in adapter.layers.values())
             raise ValueError(f"{state.source_path}: {first!r} adapts {component}, which this pipeline does not have")
-        by_stem = {}
-        for name, _ in model.named_modules():
-            canonical = canonical_module_path(model, name)
-            by_stem[canonical.replace(".", "_")] = canonical
+        by_stem = _module_stems(model)
         layers = {}
         for stem in sorted(adapter.layers, key=lambda s: adapter.layers[s].source_key):
             layer = adapter.layers[stem]
@@ -85,6 +83,17 @@ def resolve_kohya_names(state: AdapterState, models: dict[str, nn.Module]) -> Ad
             layers[by_stem[stem]] = layer
         components[component] = ComponentAdapter(infer_component_config(layers), layers, resolved=True)
     return replace(state, components=components)
+
+
+def _module_stems(model: nn.Module) -> dict[str, str]:
+    """kohya stem (dots as _) -> module path in files, for every module of ``model``; a UNet's modules
+    also under their original SGM names (SDXL files of sd-scripts: input_blocks_4_1_...)."""
+    paths = [canonical_module_path(model, name) for name, _ in model.named_modules()]
+    stems = {path.replace(".", "_"): path for path in paths}
+    if type(model).__name__ == "UNet2DConditionModel":
+        for sgm, path in sgm_module_names(model.config, paths).items():
+            stems.setdefault(sgm.replace(".", "_"), path)
+    return stems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,8 +110,9 @@ def save_moslora_weights(
 ) -> dict[str, Path]:
     """Write ``adapter_name`` of every adapted component of ``pipe`` to ``save_directory`` as
     ``moslora_weights.safetensors`` (native), ``pytorch_lora_weights.safetensors`` (folded, for stock
-    ``pipe.load_lora_weights(save_directory)``) and ``pytorch_lora_weights_kohya.safetensors`` (folded,
-    kohya keys for A1111/Forge/ComfyUI). Returns layout -> path.
+    ``pipe.load_lora_weights(save_directory)`` and ComfyUI: kohya keys for SD1/SD2/SDXL, PEFT keys with the
+    scale folded for SD3/Flux) and ``pytorch_lora_weights_kohya.safetensors`` (folded, for A1111, Forge,
+    ComfyUI and sd-scripts: kohya keys, Flux/SD3 in sd-scripts' names). Returns layout -> path.
     """
     state = adapter_state_from_pipeline(pipe, adapter_name, base_model=base_model)
     family = family_of_pipeline(pipe)
@@ -112,7 +122,10 @@ def save_moslora_weights(
             "Stock diffusers' %s.load_lora_weights ignores LoRA on %s; load_moslora_weights and ComfyUI load it",
             type(pipe).__name__, ", ".join(ignored),
         )  # fmt: skip
-    paths = write_adapter_files(state, save_directory, title=title)
+    # Places SD3/Flux modules in sd-scripts' layout; inferred from the adapter where the model has none.
+    config = getattr(getattr(pipe, family.denoiser, None), "config", None)
+    denoiser_config = dict(config) if config is not None else None
+    paths = write_adapter_files(state, save_directory, title=title, denoiser_config=denoiser_config)
     logger.info(
         "Saved %s adapter %r (%s) to %s",
         family.name, adapter_name, ", ".join(f"{c}: {len(a.layers)} modules" for c, a in state.components.items()), save_directory,
@@ -180,7 +193,10 @@ def load_moslora_weights(
     weight_name: str | None = None,
     trainable: bool = False,
 ) -> str:
-    """Load an adapter file (native, folded diffusers or kohya) into ``pipe``; returns the layout found.
+    """Load an adapter file into ``pipe``; returns the layout found (native, diffusers, kohya, sd_scripts).
+
+    Reads ours and other trainers' files in those layouts: PEFT keys (ai-toolkit), kohya keys with
+    diffusers or SGM (sd-scripts SDXL) block names, OneTrainer's lora_transformer_, sd-scripts' Flux/SD3.
 
     By default the mixer is folded (B' = B M, exact) and the adapter goes through diffusers' own
     ``load_lora_weights``, so it composes with other LoRAs under ``set_adapters``. ``trainable=True``

@@ -7,6 +7,7 @@ layers) resolves to PEFT ``target_modules`` for the model it is applied to. Anyt
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch (fast --help)
@@ -18,7 +19,8 @@ _CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _T5_ATTN = ["q", "k", "v", "o"]
 _LLM_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Qwen, Mistral (Llama-style decoders)
 
-# model kind -> preset -> module-name suffixes
+# model kind -> preset -> module-name suffixes; a "*" stands for one block index and is expanded against
+# the model's own module names (PEFT matches list entries as whole names or suffixes, never patterns).
 PRESETS: dict[str, dict[str, list[str]]] = {
     "unet": {
         "attention": _UNET_ATTN,
@@ -30,9 +32,11 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     },
     "flux_transformer": {
         "attention": _JOINT_ATTN,
-        # Single blocks: proj_mlp feeds the MLP; proj_out (also the model's final projection) maps back.
+        # Single blocks: proj_mlp feeds the MLP; their proj_out maps back. Not the model's final proj_out:
+        # sd-scripts has no such module, and diffusers' reader of sd-scripts files fails on it.
         "attention+ff": _JOINT_ATTN
-        + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
+        + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+           "single_transformer_blocks.*.proj_out"],
     },
     "zimage_transformer": {
         "attention": _UNET_ATTN,  # the layers' and both refiners' attention, as diffusers' Z-Image script
@@ -97,8 +101,16 @@ def resolve_target_modules(model: nn.Module, preset_or_modules: str | list[str] 
     if preset_or_modules is None:
         preset_or_modules = DEFAULT_PRESET
     if isinstance(preset_or_modules, str) and preset_or_modules in PRESET_NAMES:
-        return list(PRESETS[model_kind(model)][preset_or_modules])
+        return _expand_block_indices(model, PRESETS[model_kind(model)][preset_or_modules])
     return preset_or_modules
+
+
+def _expand_block_indices(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` with each "*" entry replaced by the model's module names it matches (one index each)."""
+    plain = [n for n in names if "*" not in n]
+    patterns = [re.compile(r"(.*\.)?" + re.escape(n).replace(r"\*", r"\d+")) for n in names if "*" in n]
+    found = sorted(name for name, _ in model.named_modules() if any(p.fullmatch(name) for p in patterns))
+    return plain + found
 
 
 def parse_target_modules(value: str) -> str | list[str]:

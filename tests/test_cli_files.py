@@ -22,8 +22,10 @@ from moslora_diffusion.formats import (
     DIFFUSERS_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
     NATIVE_WEIGHT_NAME,
+    ONETRAINER_WEIGHT_NAME,
     WEIGHT_NAMES,
     component_config_from_peft,
+    diffusers_state_dict,
     read_adapter_file,
 )
 from moslora_diffusion.loaders import save_moslora_weights
@@ -146,6 +148,17 @@ def test_export_writes_the_same_files_as_save(capsys, adapter_dir, tmp_path):
     assert not (tmp_path / NATIVE_WEIGHT_NAME).exists()
 
 
+def test_export_layout_writes_each_layout_asked_for(capsys, adapter_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "export", adapter_dir, "--layout", "onetrainer", "--layout", "kohya", "--output_dir", tmp_path)
+    assert code == 0 and "onetrainer: " in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ONETRAINER_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
+    # SD 1.5 has no lora_transformer_: OneTrainer's layout is the kohya one.
+    onetrainer, kohya = load_file(tmp_path / ONETRAINER_WEIGHT_NAME), load_file(tmp_path / KOHYA_WEIGHT_NAME)
+    assert onetrainer.keys() == kohya.keys() and all(torch.equal(onetrainer[k], kohya[k]) for k in kohya)
+    code, _, err = run_cli(capsys, "export", adapter_dir, "--layout", "kohya", "--to", "kohya", "--output_dir", tmp_path / "x")
+    assert_one_line_error(code, err, "give --layout or --to, not both")
+
+
 def test_export_refuses_to_overwrite_and_to_read_folded_files(capsys, adapter_dir, tmp_path):
     assert run_cli(capsys, "export", adapter_dir, "--to", "kohya", "--output_dir", tmp_path)[0] == 0
     code, _, err = run_cli(capsys, "export", adapter_dir, "--to", "kohya", "--output_dir", tmp_path)
@@ -226,7 +239,7 @@ def test_files_that_do_not_fit_the_pipeline_give_one_line(capsys, adapter_dir, p
     code, _, err = run_cli(capsys, "inspect", adapter_dir, "--pretrained_model_name_or_path", pipelines["sdxl"])
     assert_one_line_error(code, err, str(adapter_dir / NATIVE_WEIGHT_NAME), "made for sd15, but the pipeline is sdxl")
     key = f"unet.{Q}.lora_A.weight"
-    tensors = load_file(adapter_dir / DIFFUSERS_WEIGHT_NAME)
+    tensors, _ = diffusers_state_dict(read_adapter_file(adapter_dir))  # PEFT keys, as diffusers writes them
     tensors[key] = torch.zeros(4, 40)
     path = tmp_path / "wide.safetensors"
     save_file(tensors, str(path))
@@ -326,9 +339,11 @@ def test_export_resize_and_merge_read_a_training_checkpoint(capsys, adapter_dir,
     assert run_cli(capsys, "export", checkpoint_dir, "--output_dir", tmp_path / "exported")[0] == 0
     for name in (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         assert (tmp_path / "exported" / name).is_file()
-    exported = _deltas(tmp_path / "exported" / DIFFUSERS_WEIGHT_NAME)
+    exported = _deltas(tmp_path / "exported" / DIFFUSERS_WEIGHT_NAME)  # SD 1.5: kohya stems, dots lost
+    native = {key.replace(".", "_"): delta for key, delta in native.items()}
+    assert {key.replace(".", "_") for key in exported} == native.keys()
     for key, delta in exported.items():
-        torch.testing.assert_close(delta, native[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(delta, native[key.replace(".", "_")], rtol=1e-5, atol=1e-7)
     code, out, _ = run_cli(capsys, "resize", checkpoint_dir, "--rank", 1)
     assert code == 0 and (checkpoint_dir.parent / "checkpoint-2-rank1" / NATIVE_WEIGHT_NAME).is_file(), out
     from_checkpoint = merge_adapters(make_tiny_pipeline("sd15"), [checkpoint_dir])

@@ -94,7 +94,8 @@ def test_native_folded_kohya_files_agree(tmp_path, rslora):
     native = read_adapter_file(paths["native"])
     folded = read_adapter_file(paths["diffusers"])
     kohya = read_adapter_file(paths["kohya"])
-    assert (native.source_format, folded.source_format, kohya.source_format) == ("native", "diffusers", "kohya")
+    # SD1/SD2/SDXL's diffusers file holds kohya keys (Family.diffusers_file_layout): ComfyUI reads it too.
+    assert (native.source_format, folded.source_format, kohya.source_format) == ("native", "kohya", "kohya")
     assert native.has_mixer and not folded.has_mixer and not kohya.has_mixer
     for other in (native, folded, kohya):
         _assert_same_deltas(state, other)
@@ -111,6 +112,21 @@ def test_native_header_is_versioned_and_complete():
     unet = header["components"]["unet"]
     for name in ("r", "lora_alpha", "use_rslora", "mixer_init", "train_mixer", "target_modules"):
         assert name in unet
+
+
+def test_kohya_alpha_is_one_value_per_component_and_every_delta_survives(tmp_path):
+    """Under rsLoRA a rank-2 module's s r differs from the rank-4 ones': it keeps the component's alpha and
+    carries the ratio in lora_up (diffusers' kohya reader applies an odd text-encoder alpha to no module)."""
+    state = _sd15_state(r=4, alpha=6.0, rslora=True)
+    odd = _layer(32, 32, 2, 6.0 / math.sqrt(2), seed=4)
+    state.components["text_encoder"].layers["text_model.encoder.layers.0.self_attn.k_proj"] = odd
+    tensors, _ = kohya_state_dict(state)
+    for prefix in ("lora_unet_", "lora_te_"):
+        alphas = {float(v) for k, v in tensors.items() if k.startswith(prefix) and k.endswith(".alpha")}
+        assert len(alphas) == 1 and alphas.pop() == pytest.approx(6.0 * 2)  # s r = alpha sqrt(r) at rank 4
+    file = tmp_path / KOHYA_WEIGHT_NAME
+    save_file(tensors, str(file))
+    _assert_same_deltas(state, read_adapter_file(file))
 
 
 def test_folded_metadata_holds_plain_lora_config_fields_only():

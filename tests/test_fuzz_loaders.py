@@ -1,6 +1,6 @@
 """Fuzzing every adapter loader with hostile and broken safetensors files.
 
-Each case starts from a real adapter file (native, folded diffusers or kohya, written by
+Each case starts from a real adapter file (native, folded diffusers (PEFT keys) or kohya, written by
 save_moslora_weights for a tiny SD 1.5 pipeline) and mutates it, at the byte level (header JSON: dtype
 codes, shapes, data_offsets huge / overlapping / out of range, the header-length field, metadata that
 is not JSON or has the wrong types, truncation, flipped and appended bytes) or at the tensor level
@@ -48,6 +48,7 @@ from moslora_diffusion.formats import (
     DIFFUSERS_WEIGHT_NAME,
     FORMATS,
     KOHYA_WEIGHT_NAME,
+    diffusers_state_dict,
     parse_adapter_state_dict,
     read_adapter_file,
 )
@@ -109,7 +110,12 @@ def seeds(tmp_path_factory) -> Seeds:
                     param.copy_(torch.randn(param.shape, generator=g) * 0.1 + (torch.eye(param.shape[0]) if "mixer" in name else 0))
     folder = tmp_path_factory.mktemp("seed")
     paths = save_moslora_weights(pipe, folder, base_model="tiny/sd15")
-    return Seeds({layout: Path(path).read_bytes() for layout, path in paths.items()})
+    seeds = Seeds({layout: Path(path).read_bytes() for layout, path in paths.items()})
+    # SD 1.5's diffusers file holds kohya keys (the kohya seed covers them); the diffusers seed is the
+    # PEFT-keyed form instead: diffusers' own files, ours before issue 16, and SD3/Flux's diffusers file.
+    tensors, metadata = diffusers_state_dict(read_adapter_file(paths["native"]))
+    seeds["diffusers"] = save_safetensors_bytes(tensors, metadata)
+    return seeds
 
 
 class TargetPipe:

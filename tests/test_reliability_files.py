@@ -22,7 +22,13 @@ import moslora_diffusion
 from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.cli import main as moslora_main
 from moslora_diffusion.fileio import SafetensorsReader
-from moslora_diffusion.formats import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, NATIVE_WEIGHT_NAME, read_adapter_file
+from moslora_diffusion.formats import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    NATIVE_WEIGHT_NAME,
+    diffusers_state_dict,
+    read_adapter_file,
+)
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.merge import AdapterSpec, merge_adapters, parse_adapter_spec
 from moslora_diffusion.testing import make_tiny_pipeline, save_tiny_pipeline
@@ -63,10 +69,14 @@ def pipe():
 
 def variant(adapter_dir: Path, tmp_path: Path, layout: str, change=None, metadata_change=None, name: str = "variant.safetensors") -> Path:
     """A copy of one of the adapter's files with its tensors (dict) and/or metadata (dict) changed in place."""
-    source = adapter_dir / {"native": NATIVE_WEIGHT_NAME, "diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}[layout]
-    tensors = load_file(source)
-    with safe_open(source, "pt") as f:
-        metadata = dict(f.metadata())
+    if layout == "diffusers":
+        # The PEFT-keyed form (diffusers' own files; SD 1.5's diffusers file holds kohya keys since issue 16).
+        tensors, metadata = diffusers_state_dict(read_adapter_file(adapter_dir / NATIVE_WEIGHT_NAME))
+    else:
+        source = adapter_dir / {"native": NATIVE_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}[layout]
+        tensors = load_file(source)
+        with safe_open(source, "pt") as f:
+            metadata = dict(f.metadata())
     if change:
         change(tensors)
     if metadata_change:
@@ -310,7 +320,8 @@ def test_folding_that_overflows_half_precision_is_refused(adapter_dir, tmp_path,
 
     path = variant(adapter_dir, tmp_path, "native", huge_mixer)
     code, _, err = run_cli(capsys, "export", path, "--output_dir", tmp_path / "out")
-    assert_one_line_error(code, err, str(path), f"'unet.{Q}.lora_B.weight' overflows torch.float16")
+    # The diffusers file comes first, in kohya keys for SD 1.5.
+    assert_one_line_error(code, err, str(path), f"'lora_unet_{Q.replace('.', '_')}.lora_up.weight' overflows torch.float16")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.raises(ValueError, match="overflows torch.float16"):
         load_moslora_weights(pipe, path)

@@ -108,7 +108,7 @@ def has_only_adapter_keys(tensors: dict[str, torch.Tensor]) -> bool:
 def detect_format(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike | None = None
 ) -> str:
-    """"native", "diffusers" or "kohya", from the keys and the safetensors metadata."""
+    """"native", "diffusers", "kohya" or "sd_scripts" (Flux/SD3 original names), from the keys and metadata."""
     where = f"{path}: " if path is not None else ""
     if NATIVE_HEADER_KEY in (metadata or {}) or any(k.endswith(FACTOR_SUFFIXES["native"]["M"]) for k in tensors):
         return "native"
@@ -117,7 +117,14 @@ def detect_format(
     if kohya and peft:
         raise ValueError(f"{where}mixes kohya keys ({kohya[0]!r}) and diffusers keys ({peft[0]!r})")
     if kohya:
-        return "kohya"
+        # sd-scripts' Flux / SD3 files name the original model's (fused) modules: lora_unet_double_blocks_0_...
+        blocks = [
+            f"{f.sd_scripts_prefixes[f.denoiser]}_{block}_"
+            for f in FAMILIES.values()
+            if f.sd_scripts_prefixes
+            for block in f.sd_scripts_blocks
+        ]
+        return "sd_scripts" if any(k.startswith(tuple(blocks)) for k in kohya) else "kohya"
     if peft:
         return "diffusers"
     first = next(iter(sorted(tensors)), None)

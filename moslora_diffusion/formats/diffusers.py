@@ -1,4 +1,8 @@
-"""The folded diffusers layout: what stock ``pipe.load_lora_weights`` reads.
+"""The folded diffusers (PEFT) layout: what stock ``pipe.load_lora_weights`` reads from memory.
+
+The file ``pytorch_lora_weights.safetensors`` is this layout only for SD3 and Flux, with the scale folded
+and T5 renamed for ComfyUI (:mod:`.diffusers_file`); this module reads that form and any PEFT-keyed file
+(diffusers' own, ai-toolkit's ``transformer.<module>.lora_A.weight``).
 
     <component>.<module>.lora_A.weight = A, .lora_B.weight = B M   (the mixer folded: exact)
     metadata "lora_adapter_metadata": plain LoraConfig fields per component ("unet.r", ...), as diffusers
@@ -15,9 +19,16 @@ from peft import LoraConfig
 
 from ..clip_names import without_clip_root
 from ..config import MOSLORA_ONLY_FIELDS
-from ..families import ADAPTER_COMPONENTS
+from ..families import ADAPTER_COMPONENTS, get_family
 from .checks import check_component_config, check_ranks_match_config, checked_family, json_metadata, require_finite
-from .names import DIFFUSERS_METADATA_KEY, FACTOR_SUFFIXES, group_modules, provenance_metadata, split_component
+from .names import (
+    COMFYUI_T5_PREFIX,
+    DIFFUSERS_METADATA_KEY,
+    FACTOR_SUFFIXES,
+    group_modules,
+    provenance_metadata,
+    split_component,
+)
 from .state import CONFIG_FIELDS, AdapterState, ComponentAdapter, LayerFactors, config_scale, infer_component_config
 
 
@@ -54,8 +65,27 @@ def diffusers_state_dict(state: AdapterState) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
+def t5_keys_from_comfyui(tensors: dict[str, torch.Tensor], family: str | None, path) -> dict[str, torch.Tensor]:
+    """``text_encoders.t5xxl.transformer.<path>`` keys (our Flux/SD3 diffusers file's T5) under the
+    family's T5 component; other keys unchanged."""
+    if not any(k.startswith(COMFYUI_T5_PREFIX) for k in tensors):
+        return tensors
+    t5 = get_family(family).t5_text_encoder if family else None
+    if t5 is None:
+        first = min(k for k in tensors if k.startswith(COMFYUI_T5_PREFIX))
+        raise ValueError(
+            f"{path}: {first!r} is a T5 key, but the file names no family with T5 (metadata moslora.family: "
+            f"{family!r}), so its component (Flux: text_encoder_2, SD3: text_encoder_3) is unknown"
+        )
+    renamed = {k: t5 + "." + k.removeprefix(COMFYUI_T5_PREFIX) for k in tensors if k.startswith(COMFYUI_T5_PREFIX)}
+    return {renamed.get(k, k): v for k, v in tensors.items()}
+
+
 def parse_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> AdapterState:
-    """The AdapterState of a folded file; without metadata, alpha = r (diffusers' own convention)."""
+    """The AdapterState of a folded file; without metadata, alpha = r (diffusers' own convention).
+    T5 under ComfyUI's key (our SD3/Flux diffusers file) is read with scale 1, as ComfyUI reads it."""
+    family = checked_family(metadata.get("moslora.family"), path)
+    tensors = t5_keys_from_comfyui(tensors, family, path)
     lora_metadata = {}
     if DIFFUSERS_METADATA_KEY in metadata:
         lora_metadata = json_metadata(metadata, DIFFUSERS_METADATA_KEY, path)
@@ -91,5 +121,4 @@ def parse_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], 
         for module_path, layer in layers.items():
             layer.scale = config_scale(config, module_path)
         components[component] = ComponentAdapter(config, layers)
-    family = checked_family(metadata.get("moslora.family"), path)
     return AdapterState(components, family, metadata.get("moslora.base_model"))

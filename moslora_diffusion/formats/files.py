@@ -1,38 +1,52 @@
 """Adapter files on disk: their standard names, finding one in a folder, reading any layout, writing several.
 
-    moslora_weights.safetensors               native (:mod:`.native`)
-    pytorch_lora_weights.safetensors          folded diffusers (:mod:`.diffusers`)
-    pytorch_lora_weights_kohya.safetensors    folded kohya (:mod:`.kohya`)
+    moslora_weights.safetensors                   native (:mod:`.native`)
+    pytorch_lora_weights.safetensors              the diffusers file (:mod:`.diffusers_file`: kohya keys for
+                                                  SD1/SD2/SDXL, folded PEFT keys for SD3/Flux)
+    pytorch_lora_weights_kohya.safetensors        kohya (:mod:`.kohya`; SD3/Flux: sd-scripts' names, :mod:`.sd_scripts`)
+    pytorch_lora_weights_onetrainer.safetensors   OneTrainer's (``moslora export --layout onetrainer`` only)
+
+Reading takes any of these, and other trainers' files in the same layouts (diffusers/PEFT keys as
+ai-toolkit writes them, kohya keys with SGM block names, sd-scripts' Flux and SD3 files).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
+from ..families import get_family
 from ..fileio import load_safetensors, save_safetensors
 from .checkpoint import read_training_checkpoint, training_checkpoint_folder
 from .checks import detect_format, validate_adapter_state_dict
-from .diffusers import diffusers_state_dict, parse_diffusers
+from .diffusers import parse_diffusers
+from .diffusers_file import diffusers_file_state_dict
 from .kohya import kohya_state_dict, parse_kohya
-from .names import FORMATS
+from .names import FORMATS, LAYOUTS
 from .native import native_state_dict, parse_native
+from .sd_scripts import NoSdScriptsName, parse_sd_scripts, sd_scripts_state_dict
 from .state import AdapterState
+
+logger = logging.getLogger(__name__)
 
 NATIVE_WEIGHT_NAME = "moslora_weights.safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what stock load_lora_weights(dir) picks
 # Must not end in "pytorch_lora_weights.safetensors", or stock load_lora_weights(dir) could pick it.
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+ONETRAINER_WEIGHT_NAME = "pytorch_lora_weights_onetrainer.safetensors"
+# The files save_moslora_weights writes, and with export's OneTrainer file, every layout's file name.
 WEIGHT_NAMES = {"native": NATIVE_WEIGHT_NAME, "diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
+LAYOUT_WEIGHT_NAMES = {**WEIGHT_NAMES, "onetrainer": ONETRAINER_WEIGHT_NAME}
 
-_PARSERS = {"native": parse_native, "diffusers": parse_diffusers, "kohya": parse_kohya}
+_PARSERS = {"native": parse_native, "diffusers": parse_diffusers, "kohya": parse_kohya, "sd_scripts": parse_sd_scripts}
 
 
 def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None, prefer: str = "native") -> Path:
     """The adapter file ``path_or_dir`` names: the file itself, or in a folder ``weight_name``, else the
-    ``prefer``red layout's file, else any other of our three, else the folder's only .safetensors file."""
+    ``prefer``red layout's file, else any other of ours, else the folder's only .safetensors file."""
     path = Path(path_or_dir)
     if path.is_file():
         return path
@@ -43,10 +57,10 @@ def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = 
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no such file (weight_name={weight_name!r})")
         return file
-    order = [prefer] + [f for f in FORMATS if f != prefer]
+    order = [prefer] + [f for f in LAYOUTS if f != prefer]
     for fmt in order:
-        if (path / WEIGHT_NAMES[fmt]).is_file():
-            return path / WEIGHT_NAMES[fmt]
+        if (path / LAYOUT_WEIGHT_NAMES[fmt]).is_file():
+            return path / LAYOUT_WEIGHT_NAMES[fmt]
     candidates = sorted(p.name for p in path.glob("*.safetensors"))
     if len(candidates) == 1:
         return path / candidates[0]
@@ -57,7 +71,7 @@ def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = 
 
 
 def read_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None) -> AdapterState:
-    """Read, validate and parse an adapter file of any of the three layouts, or a training checkpoint
+    """Read, validate and parse an adapter file of any layout we read, or a training checkpoint
     (a ``checkpoint-N`` folder or one of its ``adapter_<component>.safetensors``)."""
     if weight_name is None and training_checkpoint_folder(path_or_dir) is not None:
         return read_training_checkpoint(path_or_dir)
@@ -75,15 +89,31 @@ def parse_adapter_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[st
     return state
 
 
-def layout_state_dict(state: AdapterState, layout: str, title: str | None = None):
-    """Tensors and metadata of ``state`` in ``layout`` ("native", "diffusers" or "kohya")."""
+def layout_state_dict(state: AdapterState, layout: str, title: str | None = None, denoiser_config: dict | None = None):
+    """Tensors and metadata of ``state`` in ``layout`` (one of :data:`LAYOUTS`); ``denoiser_config``, the
+    transformer's config, places SD3/Flux modules in sd-scripts' layout (inferred from the adapter if None)."""
     if layout == "native":
         return native_state_dict(state)
     if layout == "diffusers":
-        return diffusers_state_dict(state)
-    if layout == "kohya":
+        return diffusers_file_state_dict(state, title)
+    if layout == "onetrainer":
         return kohya_state_dict(state, title)
-    raise ValueError(f"unknown adapter layout {layout!r}; expected one of {', '.join(FORMATS)}")
+    if layout == "kohya":
+        return kohya_file_state_dict(state, title, denoiser_config)
+    raise ValueError(f"unknown adapter layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def kohya_file_state_dict(state: AdapterState, title: str | None = None, denoiser_config: dict | None = None):
+    """The kohya file: kohya keys (SD1/SD2/SDXL) or sd-scripts' original names (SD3/Flux:
+    ``Family.kohya_file_layout``). An SD3/Flux adapter on a module sd-scripts has no name for (Flux's final
+    layer) is written in OneTrainer's layout instead, with a warning that says so."""
+    if state.family is None or get_family(state.family).kohya_file_layout == "kohya":
+        return kohya_state_dict(state, title)
+    try:
+        return sd_scripts_state_dict(state, title, denoiser_config)
+    except NoSdScriptsName as err:
+        logger.warning("%s is in OneTrainer's layout (lora_transformer_ keys): %s", KOHYA_WEIGHT_NAME, err)
+        return kohya_state_dict(state, title)
 
 
 def write_adapter_files(
@@ -92,6 +122,7 @@ def write_adapter_files(
     layouts: tuple[str, ...] = FORMATS,
     title: str | None = None,
     overwrite: bool = True,
+    denoiser_config: dict | None = None,
 ) -> dict[str, Path]:
     """Write ``state`` in each of ``layouts`` under its standard name in ``directory``; layout -> path.
 
@@ -102,8 +133,8 @@ def write_adapter_files(
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a folder")
     title = title or directory.resolve().name
-    built = {layout: layout_state_dict(state, layout, title) for layout in layouts}
-    targets = {layout: directory / WEIGHT_NAMES[layout] for layout in layouts}
+    built = {layout: layout_state_dict(state, layout, title, denoiser_config) for layout in layouts}
+    targets = {layout: directory / LAYOUT_WEIGHT_NAMES[layout] for layout in layouts}
     if not overwrite:
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing:

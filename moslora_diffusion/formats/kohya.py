@@ -1,14 +1,22 @@
-"""The kohya / webui layout (A1111, Forge, ComfyUI), and kohya key renaming.
+"""The kohya / webui layout (A1111, Forge, ComfyUI, LyCORIS), and kohya key renaming.
 
-    <prefix>_<module, dots as _>.lora_down.weight = A, .lora_up.weight = B M, .alpha = s * r
+    <prefix>_<module, dots as _>.lora_down.weight = A, .lora_up.weight = (s r / alpha) B M, .alpha = alpha
     metadata: the ss_* / modelspec.* fields webui shows on a LoRA card, plus ``moslora.*`` provenance
 
+alpha is one value per component (its most common s r), written on every module: diffusers' kohya reader
+applies a text-encoder alpha unlike the most common one to no module, and clients disagree on what a
+missing alpha means. A module whose s r differs carries the ratio in lora_up, so delta W is unchanged.
+
 The prefix names the component (lora_unet, lora_te, lora_te1, lora_transformer, ...: ``Family.kohya_prefixes``).
+For SD3 and Flux these names are OneTrainer's (diffusers module names under ``lora_transformer_``); the
+kohya file of those families uses sd-scripts' original-model names instead (:mod:`.sd_scripts`).
 Dots are lost in a stem, so a kohya file read on its own has unresolved module names until
 :func:`moslora_diffusion.loaders.resolve_kohya_names` matches them against a model.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -16,7 +24,7 @@ from ..families import FAMILIES, Family, get_family
 from ..version import __version__
 from .checks import checked_family, require_finite
 from .names import FACTOR_SUFFIXES, group_modules, provenance_metadata
-from .state import AdapterState, ComponentAdapter, LayerFactors, infer_component_config
+from .state import AdapterState, ComponentAdapter, LayerFactors, infer_component_config, most_common_alpha, scaled
 
 
 def kohya_prefix(family: type[Family], component: str) -> str:
@@ -42,37 +50,49 @@ def split_kohya_stem(stem: str) -> tuple[str, str] | None:
     return None
 
 
-def kohya_state_dict(state: AdapterState, title: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of the kohya/webui layout: lora_down = A, lora_up = B M, alpha = s * r per module."""
+def kohya_state_dict(
+    state: AdapterState, title: str | None = None, prefixes: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the kohya/webui layout: lora_down = A, lora_up = (s r / alpha) B M, one
+    alpha per component. ``prefixes``: component -> kohya prefix (default: the family's ``kohya_prefixes``)."""
+    family = _family_of(state)
+    prefixes = prefixes or family.kohya_prefixes
+    suffix = FACTOR_SUFFIXES["kohya"]
+    tensors: dict[str, torch.Tensor] = {}
+    for component, adapter in state.components.items():
+        if component not in prefixes:
+            where = state.source_path or "adapter"
+            raise ValueError(f"{where}: {family.name} files have no kohya prefix for {component!r}")
+        alpha = most_common_alpha(adapter.layers.values())
+        for path, layer in adapter.layers.items():
+            stem = kohya_stem(prefixes[component], path)
+            if f"{stem}{suffix['A']}" in tensors:
+                raise ValueError(f"{component}.{path}: two modules share the kohya name {stem!r}")
+            tensors[f"{stem}{suffix['A']}"] = layer.lora_A
+            tensors[f"{stem}{suffix['B']}"] = scaled(layer.folded_lora_b(), layer.scale * layer.rank / alpha)
+            tensors[f"{stem}{suffix['alpha']}"] = torch.tensor(alpha, dtype=torch.float32)
+    require_finite(tensors, state.source_path)
+    return tensors, kohya_metadata(state, family, title)
+
+
+def _family_of(state: AdapterState) -> type[Family]:
     if state.family is None:
         raise ValueError(
             f"{state.source_path or 'adapter'}: the model family is unknown, so the kohya key prefixes are too"
         )
-    family = get_family(state.family)
-    suffix = FACTOR_SUFFIXES["kohya"]
-    tensors: dict[str, torch.Tensor] = {}
-    for component, path, layer in state.layer_items():
-        stem = kohya_stem(kohya_prefix(family, component), path)
-        if f"{stem}{suffix['A']}" in tensors:
-            raise ValueError(f"{component}.{path}: two modules share the kohya name {stem!r}")
-        tensors[f"{stem}{suffix['A']}"] = layer.lora_A
-        tensors[f"{stem}{suffix['B']}"] = layer.folded_lora_b()
-        # Every module gets its own alpha: clients disagree on what a missing one means.
-        tensors[f"{stem}{suffix['alpha']}"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
-    require_finite(tensors, state.source_path)
-    return tensors, kohya_metadata(state, family, title)
+    return get_family(state.family)
 
 
 def kohya_metadata(state: AdapterState, family: type[Family], title: str | None) -> dict[str, str]:
     """The LoRA-card fields webui (A1111/Forge) and ComfyUI show, plus where the adapter came from."""
     denoiser = state.components.get(family.denoiser) or next(iter(state.components.values()))
-    some_layer = next(iter(denoiser.layers.values()))
+    rank = Counter(layer.rank for layer in denoiser.layers.values()).most_common(1)[0][0]
     kind = "MoSLoRA (mixture-of-subspaces LoRA, Wu et al. 2024)" if state.has_mixer else "LoRA"
     metadata = {
         "format": "pt",
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(some_layer.rank),
-        "ss_network_alpha": str(float(some_layer.scale * some_layer.rank)),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(most_common_alpha(denoiser.layers.values()))),
         "ss_base_model_version": family.ss_base_model_version,
         "ss_v2": str(family.ss_v2),
         "ss_sd_model_name": str(state.base_model or ""),

@@ -11,10 +11,15 @@ import torch
 
 from ..version import __version__
 
-FORMATS = ("native", "diffusers", "kohya")
+FORMATS = ("native", "diffusers", "kohya")  # the files save_moslora_weights writes
+# Every layout a file can be written in (``moslora export --layout``): OneTrainer's is SD3/Flux modules under
+# their diffusers names (lora_transformer_), the kohya file of SD1/SD2/SDXL.
+LAYOUTS = (*FORMATS, "onetrainer")
 
 NATIVE_HEADER_KEY = "moslora"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+# ComfyUI's generic text-encoder LoRA key for T5: "text_encoders.t5xxl." + its own state-dict name of the weight.
+COMFYUI_T5_PREFIX = "text_encoders.t5xxl.transformer."
 
 # The one key-renaming table: the suffix of each factor in each layout (A: down, B: up, M: mixer).
 FACTOR_SUFFIXES: dict[str, dict[str, str]] = {

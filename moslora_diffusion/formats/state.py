@@ -95,6 +95,22 @@ class AdapterState:
                 )
 
 
+def scaled(tensor: torch.Tensor, factor: float, what: str = "lora_B") -> torch.Tensor:
+    """factor * tensor, computed in at least fp32 and returned in the tensor's dtype; refuses an overflow."""
+    if math.isclose(factor, 1.0, rel_tol=1e-12):
+        return tensor
+    out = (tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * factor).to(tensor.dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"scaling {what} by {factor} overflows {tensor.dtype}; write the adapter in float32")
+    return out
+
+
+def most_common_alpha(layers) -> float:
+    """The most common s * r over ``layers``: a component's one alpha in the kohya layouts."""
+    products = Counter(layer.scale * layer.rank for layer in layers)
+    return products.most_common(1)[0][0]
+
+
 def config_rank(config: dict, path: str) -> int:
     """r for module ``path`` under ``config``, rank_pattern applied."""
     r = config["r"]

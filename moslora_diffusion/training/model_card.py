@@ -1,8 +1,8 @@
 """The README.md model card written next to the adapter, in the Hugging Face hub's format.
 
 YAML front matter (base_model, instance_prompt, license, tags, widget images) and then what a user
-needs: the adapter's settings, the validation images, and how to load the files with stock diffusers,
-in webui/ComfyUI, and with moslora_diffusion for further training.
+needs: the adapter's settings, the validation images, how to load the files with stock diffusers, and
+which file each client (diffusers, ComfyUI, webui, sd-scripts, moslora_diffusion) takes.
 """
 
 from __future__ import annotations
@@ -60,11 +60,7 @@ class ModelCard:
             "| file | what it is |",
             "| --- | --- |",
         ]
-        descriptions = {
-            "diffusers": "plain LoRA (mixer folded in) for `pipe.load_lora_weights`",
-            "kohya": "the same LoRA with kohya/webui keys, for AUTOMATIC1111, Forge and ComfyUI",
-            "native": "MoSLoRA with the mixer unfolded, for resuming, analysis and further training",
-        }
+        descriptions = client_file_descriptions(self.family)
         for role, name in self.files.items():
             lines.append(f"| `{name}` | {descriptions.get(role, role)} |")
         lines += ["", "## Adapter", "", "| setting | value |", "| --- | --- |"]
@@ -101,8 +97,9 @@ class ModelCard:
             f'image = pipe("{(self.validation_prompts or (self.instance_prompt,))[0]}").images[0]',
             "```",
             "",
-            "In webui or ComfyUI, put the kohya file in the LoRA folder. With moslora_diffusion, "
-            "`moslora_diffusion.loaders` loads the native file with its mixer for further training.",
+            "## Which file each client takes",
+            "",
+            *(f"- {line}" for line in client_lines(self.family, self.files)),
             "",
         ]
         return "\n".join(lines)
@@ -111,6 +108,42 @@ class ModelCard:
         with atomic_path(path) as tmp:
             tmp.write_text(self.render(), encoding="utf-8")
         return Path(path)
+
+
+def client_file_descriptions(family) -> dict[str, str]:
+    """role -> what the file is and who reads it, for ``family`` (its Family.*_file_layout)."""
+    if family.diffusers_file_layout == "kohya":
+        diffusers = "plain LoRA (mixer folded in), kohya keys: stock diffusers `pipe.load_lora_weights`, ComfyUI"
+    else:
+        diffusers = (
+            "plain LoRA (mixer and scale folded in), diffusers keys: stock diffusers `pipe.load_lora_weights`, "
+            "ComfyUI (T5 included)"
+        )
+    if family.kohya_file_layout == "kohya":
+        kohya = "the same LoRA with kohya/webui keys: AUTOMATIC1111, Forge, ComfyUI, LyCORIS, sd-scripts"
+    else:
+        kohya = "the same LoRA in kohya sd-scripts' names (q, k, v fused): sd-scripts, Forge, ComfyUI"
+    return {
+        "diffusers": diffusers,
+        "kohya": kohya,
+        "onetrainer": "the same LoRA in OneTrainer's layout (lora_transformer_): ComfyUI, OneTrainer",
+        "native": "MoSLoRA with the mixer unfolded, for resuming, analysis and further training",
+    }
+
+
+def client_lines(family, files: dict) -> list[str]:
+    """One line per client: which of ``files`` (role -> name) it takes."""
+    diffusers = f"`{files.get('diffusers', 'pytorch_lora_weights.safetensors')}`"
+    kohya = f"`{files.get('kohya', 'pytorch_lora_weights_kohya.safetensors')}`"
+    native = f"`{files.get('native', 'moslora_weights.safetensors')}`"
+    original_names = family.kohya_file_layout == "sd_scripts"  # SD3 / Flux: Forge, not AUTOMATIC1111
+    return [
+        f"diffusers: {diffusers} (`pipe.load_lora_weights(folder)` picks it)",
+        f"ComfyUI: {diffusers} or {kohya}, in `models/loras`",
+        f"{'Forge' if original_names else 'AUTOMATIC1111, Forge'}: {kohya}, in `models/Lora`",
+        f"kohya sd-scripts{'' if original_names else ', LyCORIS'}: {kohya}",
+        f"moslora_diffusion (`load_moslora_weights(..., trainable=True)`, further training): {native}",
+    ]
 
 
 def _cell(value) -> str:

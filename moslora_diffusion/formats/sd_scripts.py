@@ -12,33 +12,34 @@ exactly into a fused module:
 
 with B_i already B_i M_i and c_i = s_i / s, s the most common part scale. The files we write fold s
 into up as well (alpha = R): diffusers 0.42's reader of these files ignores the final layer's alpha.
-:func:`split_fused` undoes it
-when ``up`` is block-diagonal; a fused adapter trained as one (a shared down) is no per-projection
-adapter, and is refused unless the caller accepts each projection getting the whole rank-R down.
+:func:`split_fused` undoes it when ``up`` is block-diagonal; a fused adapter trained as one (a shared
+down) is no per-projection adapter, and is refused unless the caller accepts each projection getting
+the whole rank-R down.
 
-Text encoders keep their own names: CLIP-L ``lora_te1_``, SD3's CLIP-G ``lora_te2_``, T5 ``lora_te3_``.
+Text encoders keep their own names under ``Family.sd_scripts_prefixes``: CLIP-L ``lora_te1_``, SD3's
+CLIP-G ``lora_te2_``, T5 ``lora_te3_``. Which family a file is for shows in its block names
+(``Family.sd_scripts_blocks``); the module table of each family is ``Family.sd_scripts_modules``.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from .client_layouts import module_scales, peft_modules
-from .formats import kohya_stem
+from ..families import FAMILIES, Family, get_family
+from .checks import checked_family, require_finite
+from .kohya import kohya_metadata, kohya_stem
+from .state import AdapterState, ComponentAdapter, LayerFactors, infer_component_config, scaled
 
-# The kohya prefix of each component in sd-scripts' files (lora_flux.py / lora_sd3.py LORA_PREFIX_*).
-SD_SCRIPTS_PREFIXES = {
-    "flux": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
-    "sd3": {
-        "transformer": "lora_unet",
-        "text_encoder": "lora_te1",
-        "text_encoder_2": "lora_te2",
-        "text_encoder_3": "lora_te3",
-    },
-}
+# Flux's MLP is 4x the hidden size (linear1 stacks q, k, v and the MLP input: 3 + 4 hidden sizes of rows).
+FLUX_MLP_RATIO = 4.0
+
+
+class NoSdScriptsName(ValueError):
+    """An adapted module that sd-scripts' layout has no name for (Flux's final layer, say)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Factors:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scale: float
+    source_key: str = ""  # the file key it was read from, for error messages
 
 
 def _one(name: str, part: str) -> FusedModule:
@@ -69,7 +71,7 @@ def _one(name: str, part: str) -> FusedModule:
 def flux_modules(config: dict) -> list[FusedModule]:
     """BFL's Flux Linears (double_blocks, single_blocks, embedders, final layer) for a FluxTransformer2DModel config."""
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    mlp_hidden = int(hidden * config.get("mlp_ratio", 4.0))
+    mlp_hidden = int(hidden * config.get("mlp_ratio", FLUX_MLP_RATIO))
     modules = []
     for i in range(config["num_layers"]):
         d, b = f"double_blocks.{i}", f"transformer_blocks.{i}"
@@ -147,18 +149,6 @@ def sd3_modules(config: dict) -> list[FusedModule]:
     return modules
 
 
-MODULE_TABLES = {"flux": flux_modules, "sd3": sd3_modules}
-
-
-def _times(tensor: torch.Tensor, factor: float) -> torch.Tensor:
-    """factor * tensor computed in at least fp32, in the tensor's dtype; refuses an overflow."""
-    if factor == 1.0:
-        return tensor
-    out = (tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * factor).to(tensor.dtype)
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"scaling lora_up by {factor} overflows {tensor.dtype}; write the adapter in float32")
-    return out
-
 
 def join_fused(module: FusedModule, layers: dict[str, Factors]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down, up, alpha) of ``module`` from the adapters on its parts (some may be missing: zero rows).
@@ -184,7 +174,7 @@ def join_fused(module: FusedModule, layers: dict[str, Factors]) -> tuple[torch.T
             b = layers[part].lora_B
             if b.shape[0] != rows:
                 raise ValueError(f"{module.name}: {part} has {b.shape[0]} output rows, the model's module {rows}")
-            up[row : row + rows, column : column + ranks[part]] = _times(b, layers[part].scale / scale)
+            up[row : row + rows, column : column + ranks[part]] = scaled(b, layers[part].scale / scale, "lora_up")
             column += ranks[part]
         row += rows
     return down, up, scale * total_rank
@@ -219,54 +209,128 @@ def split_fused(
     return layers
 
 
-def sd_scripts_state_dict(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], family: str, denoiser_config: dict
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Our folded diffusers state dict (``formats.diffusers_state_dict``) in sd-scripts' layout:
-    fused denoiser modules under ``lora_unet_`` + original names, text encoders under ``lora_te{1,2,3}_``,
-    every module with ``lora_down``, ``lora_up`` = s x the up of :func:`join_fused`, and ``alpha`` = its
-    rank (alpha / rank = 1). ``lora_adapter_metadata`` is dropped."""
-    prefixes = SD_SCRIPTS_PREFIXES[family]
-    scales = module_scales(tensors, metadata)
-    by_component: dict[str, dict[str, Factors]] = {}
-    for (component, path), (a, b) in peft_modules(tensors).items():
-        by_component.setdefault(component, {})[path] = Factors(a, b, scales[(component, path)])
+def sd_scripts_tensors(
+    layers_by_component: dict[str, dict[str, Factors]], family: type[Family], denoiser_config: dict
+) -> dict[str, torch.Tensor]:
+    """Per-projection adapters (component -> diffusers module path -> Factors) in sd-scripts' layout:
+    fused denoiser modules under ``lora_unet_`` + original names, text encoders under their
+    ``sd_scripts_prefixes``, every module with ``lora_down``, ``lora_up`` = s x the up of :func:`join_fused`,
+    and ``alpha`` = its rank (alpha / rank = 1). :class:`NoSdScriptsName` if a module has no such name."""
+    prefixes = family.sd_scripts_prefixes
     out: dict[str, torch.Tensor] = {}
 
     def put(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
         # The scale goes into lora_up and alpha = rank: diffusers' sd-scripts Flux reader drops the
         # final layer's alpha (and a client that ignores alpha is then right too).
         rank = down.shape[0]
-        out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = down, _times(up, alpha / rank)
+        out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = down, scaled(up, alpha / rank, "lora_up")
         out[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
 
-    denoiser_layers = by_component.pop("transformer", {})
+    layers_by_component = dict(layers_by_component)
+    denoiser_layers = layers_by_component.pop(family.denoiser, {})
     unplaced = set(denoiser_layers)
-    for module in MODULE_TABLES[family](denoiser_config):
+    for module in family.sd_scripts_modules(denoiser_config):
         if any(p in denoiser_layers for p in module.parts):
             if not module.sd_scripts_writes:
-                raise ValueError(
-                    f"the adapter on {module.parts[0]!r} ({family} {module.name}) has no place in sd-scripts' layout "
-                    "(sd-scripts has no such module; diffusers drops it); "
-                    "write the OneTrainer layout (lora_transformer_)"
+                raise NoSdScriptsName(
+                    f"the adapter on {module.parts[0]!r} ({family.name} {module.name}) has no place in sd-scripts' "
+                    "layout (sd-scripts has no such module; diffusers drops it); write the OneTrainer layout "
+                    "(lora_transformer_)"
                 )
-            put(kohya_stem(prefixes["transformer"], module.name), *join_fused(module, denoiser_layers))
+            put(kohya_stem(prefixes[family.denoiser], module.name), *join_fused(module, denoiser_layers))
             unplaced -= set(module.parts)
     if unplaced:
-        raise ValueError(
-            f"{len(unplaced)} adapted transformer modules have no {family} original-model name "
+        raise NoSdScriptsName(
+            f"{len(unplaced)} adapted transformer modules have no {family.name} original-model name "
             f"(e.g. {min(unplaced)!r}); write the OneTrainer layout (lora_transformer_) instead"
         )
-    for component, layers in by_component.items():
+    for component, layers in layers_by_component.items():
         if component not in prefixes:
-            raise ValueError(f"{family} files of sd-scripts have no prefix for {component!r}")
+            raise ValueError(f"{family.name} files of sd-scripts have no prefix for {component!r}")
         for path, layer in layers.items():
             put(kohya_stem(prefixes[component], path), layer.lora_A, layer.lora_B, layer.scale * layer.lora_A.shape[0])
-    return out, {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    return out
+
+
+def sd_scripts_state_dict(
+    state: AdapterState, title: str | None = None, denoiser_config: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata (the kohya LoRA card) of ``state`` in sd-scripts' layout. ``denoiser_config``
+    (the transformer's config) is inferred from the adapter's own module names and shapes if not given."""
+    family = get_family(state.family) if state.family else None
+    if family is None or not family.sd_scripts_prefixes:
+        where = state.source_path or "adapter"
+        raise ValueError(f"{where}: sd-scripts' original-model layout is for SD3 and Flux only")
+    layers = {
+        component: {p: Factors(layer.lora_A, layer.folded_lora_b(), layer.scale) for p, layer in adapter.layers.items()}
+        for component, adapter in state.components.items()
+    }
+    if denoiser_config is None:
+        rows = {path: f.lora_B.shape[0] for path, f in layers.get(family.denoiser, {}).items()}
+        denoiser_config = denoiser_config_from_rows(rows)
+    tensors = sd_scripts_tensors(layers, family, denoiser_config)
+    require_finite(tensors, state.source_path)
+    return tensors, kohya_metadata(state, family, title)
+
+
+def _config(hidden: int | None, blocks: list[int], singles: list[int]) -> dict:
+    num_layers = max(blocks) + 1 if blocks else 0
+    return {
+        "num_attention_heads": 1,
+        "attention_head_dim": hidden or 0,
+        "num_layers": num_layers,
+        "num_single_layers": max(singles) + 1 if singles else 0,
+        "mlp_ratio": FLUX_MLP_RATIO,
+        "guidance_embeds": True,  # names that match nothing are never used
+        "dual_attention_layers": tuple(range(num_layers)),
+    }
+
+
+def denoiser_config_from_rows(rows: dict[str, int]) -> dict:
+    """A denoiser config for the module tables from adapted diffusers module paths and their output rows:
+    the hidden size from a q/k/v projection (or a Flux proj_mlp, 4x wide), block counts from the paths."""
+    blocks = [int(m.group(1)) for p in rows if (m := re.match(r"transformer_blocks\.(\d+)\.", p))]
+    singles = [int(m.group(1)) for p in rows if (m := re.match(r"single_transformer_blocks\.(\d+)\.", p))]
+    hidden = None
+    for path, out_rows in sorted(rows.items()):
+        if re.search(r"\.attn2?\.(to_[qkv]|add_[qkv]_proj)$", path):
+            hidden = out_rows
+        elif path.endswith(".proj_mlp"):
+            hidden = round(out_rows / FLUX_MLP_RATIO)
+    return _config(hidden, blocks, singles)
+
+
+# Original-name endings whose lora_up rows are a known multiple of the hidden size.
+_HIDDEN_MULTIPLES = {
+    "attn_qkv": 3, "attn2_qkv": 3, "attn_proj": 1, "attn2_proj": 1, "linear1": 3 + FLUX_MLP_RATIO, "linear2": 1,
+}  # fmt: skip
+
+
+def denoiser_config_from_file(tensors: dict[str, torch.Tensor], family: type[Family]) -> dict:
+    """A denoiser config for ``family``'s module table from a file's own stems and lora_up shapes."""
+    prefix = family.sd_scripts_prefixes[family.denoiser]
+    counts: dict[str, list[int]] = {block: [] for block in family.sd_scripts_blocks}
+    hidden = None
+    for key in tensors:
+        if not (key.startswith(prefix + "_") and key.endswith(".lora_up.weight")):
+            continue
+        stem = key.removesuffix(".lora_up.weight")
+        for block in family.sd_scripts_blocks:
+            if m := re.match(rf"{prefix}_{block}_(\d+)_", stem):
+                counts[block].append(int(m.group(1)))
+        for ending, multiple in _HIDDEN_MULTIPLES.items():
+            if stem.endswith("_" + ending):
+                hidden = round(tensors[key].shape[0] / multiple)
+    first, *rest = family.sd_scripts_blocks
+    return _config(hidden, counts[first], counts[rest[0]] if rest else [])
 
 
 def read_sd_scripts_state_dict(
-    tensors: dict[str, torch.Tensor], family: str, denoiser_config: dict, allow_shared_down: bool = False
+    tensors: dict[str, torch.Tensor],
+    family: str | type[Family],
+    denoiser_config: dict | None = None,
+    allow_shared_down: bool = False,
+    where="adapter",
 ) -> dict[str, dict[str, Factors]]:
     """component -> {diffusers module path (text encoders: kohya stem after the prefix) -> Factors}.
 
@@ -274,18 +338,73 @@ def read_sd_scripts_state_dict(
     text-encoder names keep their dots-as-underscores stem for the caller to match against a model.
     A missing alpha means alpha = rank (scale 1), as sd-scripts reads it.
     """
-    components = {prefix: component for component, prefix in SD_SCRIPTS_PREFIXES[family].items()}
-    fused = {kohya_stem("lora_unet", m.name): m for m in MODULE_TABLES[family](denoiser_config)}
+    family = get_family(family) if isinstance(family, str) else family
+    denoiser_config = denoiser_config or denoiser_config_from_file(tensors, family)
+    prefixes = family.sd_scripts_prefixes
+    components = {prefix: component for component, prefix in prefixes.items()}
+    denoiser_prefix = prefixes[family.denoiser]
+    fused = {kohya_stem(denoiser_prefix, m.name): m for m in family.sd_scripts_modules(denoiser_config)}
     result: dict[str, dict[str, Factors]] = {}
     for key in sorted(k for k in tensors if k.endswith(".lora_down.weight")):
         stem = key.removesuffix(".lora_down.weight")
         down, up = tensors[key], tensors[f"{stem}.lora_up.weight"]
         alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(down.shape[0])
         if stem in fused:
-            result.setdefault("transformer", {}).update(split_fused(fused[stem], down, up, alpha, allow_shared_down))
+            try:
+                parts = split_fused(fused[stem], down, up, alpha, allow_shared_down)
+            except ValueError as err:
+                raise ValueError(f"{where}: {key!r}: {err}") from None
+            for factors in parts.values():
+                factors.source_key = key
+            result.setdefault(family.denoiser, {}).update(parts)
             continue
         prefix = next((p for p in sorted(components, key=len, reverse=True) if stem.startswith(p + "_")), None)
-        if prefix is None or prefix == "lora_unet":
-            raise ValueError(f"{key!r} names no {family} module that sd-scripts writes")
-        result.setdefault(components[prefix], {})[stem[len(prefix) + 1 :]] = Factors(down, up, alpha / down.shape[0])
+        if prefix is None or prefix == denoiser_prefix:
+            raise ValueError(f"{where}: {key!r} names no {family.name} module that sd-scripts writes")
+        factors = Factors(down, up, alpha / down.shape[0], key)
+        result.setdefault(components[prefix], {})[stem[len(prefix) + 1 :]] = factors
     return result
+
+
+def sd_scripts_family(tensors: dict[str, torch.Tensor]) -> type[Family] | None:
+    """The family whose sd-scripts block names (lora_unet_double_blocks_N_..., ...) the file's keys use."""
+    for family in FAMILIES.values():
+        prefix = family.sd_scripts_prefixes.get(family.denoiser)
+        if prefix and any(k.startswith(tuple(f"{prefix}_{b}_" for b in family.sd_scripts_blocks)) for k in tensors):
+            return family
+    return None
+
+
+def parse_sd_scripts(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> AdapterState:
+    """The AdapterState of an sd-scripts Flux or SD3 file: denoiser modules split back into diffusers'
+    (resolved), text-encoder names still kohya stems (``resolved`` False) until matched against a model."""
+    family = sd_scripts_family(tensors)
+    named = checked_family(metadata.get("moslora.family"), path)
+    if family is None or (named is not None and named != family.name):
+        raise ValueError(f"{path}: its metadata says {named}, but its keys are sd-scripts' names of another family")
+    components = {}
+    for component, factors in read_sd_scripts_state_dict(tensors, family, where=path).items():
+        layers = {p: LayerFactors(f.lora_A, f.lora_B, None, f.scale, f.source_key) for p, f in factors.items()}
+        resolved = component == family.denoiser
+        components[component] = ComponentAdapter(infer_component_config(layers), layers, resolved=resolved)
+    base_model = metadata.get("moslora.base_model") or metadata.get("ss_sd_model_name") or None
+    return AdapterState(components, family.name, base_model)
+
+
+__all__ = [
+    "FLUX_MLP_RATIO",
+    "Factors",
+    "FusedModule",
+    "NoSdScriptsName",
+    "denoiser_config_from_file",
+    "denoiser_config_from_rows",
+    "flux_modules",
+    "join_fused",
+    "parse_sd_scripts",
+    "read_sd_scripts_state_dict",
+    "sd3_modules",
+    "sd_scripts_family",
+    "sd_scripts_state_dict",
+    "sd_scripts_tensors",
+    "split_fused",
+]

@@ -1,29 +1,30 @@
-"""Flux and SD3 files in sd-scripts' layout (moslora_diffusion.bfl_layout): fused original-model modules
-whose deltas are exactly ours, read by stock diffusers' sd-scripts-Flux converter and by ComfyUI's rule."""
+"""Flux and SD3 files in sd-scripts' layout (moslora_diffusion.formats.sd_scripts): fused original-model
+modules whose deltas are exactly ours, read by stock diffusers' sd-scripts-Flux converter, by ComfyUI's
+rule and by our own reader."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_client_layouts import assert_relatively_close
+from test_formats_diffusers_file import assert_relatively_close
 from test_loaders import _checkpoint_param_name, assert_images_equal, images
 from torch import nn
 
 from conftest import randomize_adapter
 from moslora_diffusion import MoSLoRAConfig, add_moslora
-from moslora_diffusion.bfl_layout import (
-    MODULE_TABLES,
-    SD_SCRIPTS_PREFIXES,
+from moslora_diffusion.families import get_family
+from moslora_diffusion.formats import KOHYA_WEIGHT_NAME, kohya_stem, read_adapter_file
+from moslora_diffusion.formats.sd_scripts import (
+    Factors,
     FusedModule,
+    NoSdScriptsName,
     join_fused,
     read_sd_scripts_state_dict,
     sd_scripts_state_dict,
     split_fused,
 )
-from moslora_diffusion.client_layouts import module_scales, peft_modules
-from moslora_diffusion.formats import kohya_stem
-from moslora_diffusion.loaders import adapter_state_from_pipeline
+from moslora_diffusion.loaders import adapter_state_from_pipeline, fit_adapter_to_models
 from moslora_diffusion.testing import make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,8 +38,6 @@ T5 = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
 
 class Adapted:
     def __init__(self, family: str, preset: str):
-        from moslora_diffusion.formats import diffusers_state_dict
-
         self.family = family
         self.pipe = make_tiny_pipeline(family)
         add_moslora(self.pipe.transformer, MoSLoRAConfig(r=4, lora_alpha=8, target_modules=preset))
@@ -51,13 +50,13 @@ class Adapted:
         add_moslora(getattr(self.pipe, T5[family]), MoSLoRAConfig(r=2, lora_alpha=5))
         randomize_adapter(getattr(self.pipe, T5[family]), "default", seed=9)
         self.live = images(self.pipe, family)
-        self.tensors, self.metadata = diffusers_state_dict(adapter_state_from_pipeline(self.pipe))
+        self.state = adapter_state_from_pipeline(self.pipe)
         self.config = dict(self.pipe.transformer.config)
-        self.file, _ = sd_scripts_state_dict(self.tensors, self.metadata, family, self.config)
+        self.file, _ = sd_scripts_state_dict(self.state, denoiser_config=self.config)
+        self.table = get_family(family).sd_scripts_modules(self.config)
 
     def deltas(self) -> dict[tuple[str, str], torch.Tensor]:
-        scales = module_scales(self.tensors, self.metadata)
-        return {m: scales[m] * (b.double() @ a.double()) for m, (a, b) in peft_modules(self.tensors).items()}
+        return {(c, p): layer.delta_weight() for c, p, layer in self.state.layer_items()}
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +76,7 @@ def fused_delta(file: dict[str, torch.Tensor], stem: str) -> torch.Tensor:
     return float(file[f"{stem}.alpha"]) / down.shape[0] * (up @ down)
 
 
-# Flux's attention+ff preset less the model's final proj_out (no module of sd-scripts' network).
-FLUX_FF = (
-    r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out)"
-)
+FLUX_FF = "attention+ff"  # less the model's final proj_out (no module of sd-scripts' network)
 CASES = [("flux", FLUX_FF), ("flux", "attention"), ("sd3", "attention+ff")]
 
 
@@ -91,7 +86,7 @@ def test_every_fused_delta_is_ours_stacked(adapted, family, preset):
     ours = s.deltas()
     stems = {k.split(".")[0] for k in s.file}
     checked = 0
-    for module in MODULE_TABLES[family](s.config):
+    for module in s.table:
         stem = kohya_stem("lora_unet", module.name)
         if stem not in stems:
             assert not any(("transformer", p) in ours for p in module.parts)
@@ -117,10 +112,12 @@ def test_the_file_uses_sd_scripts_names(adapted):
     assert s.file["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12  # 3 r
 
 
+@pytest.mark.parametrize("config_known", [True, False])
 @pytest.mark.parametrize("family, preset", CASES)
-def test_reading_splits_back_into_our_modules(adapted, family, preset):
+def test_reading_splits_back_into_our_modules(adapted, family, preset, config_known):
     s = adapted(family, preset)
-    read = read_sd_scripts_state_dict(s.file, family, s.config)
+    # Without the model's config, the hidden size and block counts are read from the file's own shapes.
+    read = read_sd_scripts_state_dict(s.file, family, s.config if config_known else None)
     ours = s.deltas()
     denoiser = {
         ("transformer", p): f.scale * (f.lora_B.double() @ f.lora_A.double()) for p, f in read["transformer"].items()
@@ -129,21 +126,55 @@ def test_reading_splits_back_into_our_modules(adapted, family, preset):
     for module, delta in denoiser.items():
         assert_relatively_close(delta, ours[module])
         assert read["transformer"][module[1]].lora_A.shape[0] == 4  # the rank of one projection again
-    prefixes = SD_SCRIPTS_PREFIXES[family]
+    prefixes = get_family(family).sd_scripts_prefixes
     for component, layers in read.items():
         if component != "transformer":
             stems = {kohya_stem(prefixes[component], p) for c, p in ours if c == component}
             assert {f"{prefixes[component]}_{stem}" for stem in layers} == stems
 
 
-def test_an_adapter_on_fluxs_final_layer_is_refused():
-    pipe = make_tiny_pipeline("flux")
-    add_moslora(pipe.transformer, MoSLoRAConfig(r=2, target_modules="attention+ff"))  # proj_out: the final layer too
-    from moslora_diffusion.formats import diffusers_state_dict
+@pytest.mark.parametrize("family, preset", CASES)
+def test_without_the_models_config_the_writer_infers_it_from_the_adapter(adapted, family, preset):
+    s = adapted(family, preset)  # what moslora export does with a native file: no pipeline at hand
+    inferred, _ = sd_scripts_state_dict(s.state)
+    assert inferred.keys() == s.file.keys()
+    for key, tensor in s.file.items():
+        assert torch.equal(inferred[key], tensor), key
 
-    tensors, metadata = diffusers_state_dict(adapter_state_from_pipeline(pipe))
-    with pytest.raises(ValueError, match="'proj_out' \\(flux final_layer.linear\\) has no place in sd-scripts' layout"):
-        sd_scripts_state_dict(tensors, metadata, "flux", dict(pipe.transformer.config))
+
+@pytest.mark.parametrize("family, preset", CASES)
+def test_read_adapter_file_gives_back_our_adapter(adapted, family, preset, tmp_path):
+    s = adapted(family, preset)
+    file = tmp_path / "sd_scripts.safetensors"
+    save_file(s.file, str(file))
+    read = read_adapter_file(file)
+    assert (read.source_format, read.family) == ("sd_scripts", family)
+    read = fit_adapter_to_models(read, {c: getattr(s.pipe, c) for c in s.state.components}, get_family(family))
+    theirs, ours = {(c, p): layer.delta_weight() for c, p, layer in read.layer_items()}, s.deltas()
+    assert theirs.keys() == ours.keys()
+    for module, delta in ours.items():
+        assert_relatively_close(theirs[module], delta)
+
+
+def test_an_adapter_on_fluxs_final_layer_is_refused_and_the_kohya_file_falls_back(tmp_path, caplog):
+    from moslora_diffusion.loaders import save_moslora_weights
+
+    pipe = make_tiny_pipeline("flux")
+    add_moslora(pipe.transformer, MoSLoRAConfig(r=2, target_modules=["to_q", "proj_out"]))  # the final layer too
+    state = adapter_state_from_pipeline(pipe)
+    with pytest.raises(NoSdScriptsName, match="'proj_out' \\(flux final_layer.linear\\) has no place in sd-scripts' layout"):
+        sd_scripts_state_dict(state, denoiser_config=dict(pipe.transformer.config))
+    with caplog.at_level("WARNING"):
+        save_moslora_weights(pipe, tmp_path)
+    assert "OneTrainer's layout" in caplog.text
+    assert read_adapter_file(tmp_path / KOHYA_WEIGHT_NAME).source_format == "kohya"  # lora_transformer_ keys
+
+
+def test_fluxs_attention_ff_preset_leaves_the_final_layer_alone():
+    pipe = make_tiny_pipeline("flux")
+    add_moslora(pipe.transformer, MoSLoRAConfig(r=2, target_modules="attention+ff"))
+    adapted = set(adapter_state_from_pipeline(pipe).components["transformer"].layers)
+    assert "proj_out" not in adapted and "single_transformer_blocks.0.proj_out" in adapted
 
 
 def test_a_fused_adapter_with_a_shared_down_is_no_per_projection_adapter():
@@ -158,8 +189,6 @@ def test_a_fused_adapter_with_a_shared_down_is_no_per_projection_adapter():
 
 def test_join_refuses_a_part_of_the_wrong_size():
     module = FusedModule("x.qkv", ("q", "k", "v"), (3, 3, 3))
-    from moslora_diffusion.bfl_layout import Factors
-
     with pytest.raises(ValueError, match="x.qkv: k has 4 output rows, the model's module 3"):
         join_fused(module, {"k": Factors(torch.ones(1, 2), torch.ones(4, 1), 1.0)})
 
@@ -192,23 +221,30 @@ def test_comfyuis_rule_for_original_names_gives_our_images(adapted, family):
     and SD3, so the rule is applied by hand: every module of the file lands, T5 included."""
     s = adapted(family, FLUX_FF if family == "flux" else "attention+ff")
     pipe = make_tiny_pipeline(family)
+    apply_comfyuis_original_name_rule(pipe, family, s.file)
+    assert_images_equal(images(pipe, family), s.live)
+
+
+def apply_comfyuis_original_name_rule(pipe, family: str, file: dict[str, torch.Tensor]) -> None:
+    """Add every module of ``file`` to ``pipe``'s weights as ComfyUI does for sd-scripts' names (see above);
+    fails unless each of its modules names a weight."""
+    spec = get_family(family)
     modules = {}
-    for component, prefix in SD_SCRIPTS_PREFIXES[family].items():
-        if component == "transformer":
+    for component, prefix in spec.sd_scripts_prefixes.items():
+        if component == spec.denoiser:
             continue
         model = getattr(pipe, component)
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 modules[kohya_stem(prefix, _checkpoint_param_name(model, name))] = [module]
-    for module in MODULE_TABLES[family](s.config):
+    for module in spec.sd_scripts_modules(dict(pipe.transformer.config)):
         modules[kohya_stem("lora_unet", module.name)] = [pipe.transformer.get_submodule(p) for p in module.parts]
-    stems = {k.split(".")[0] for k in s.file}
+    stems = {k.split(".")[0] for k in file}
     assert stems <= modules.keys()
     with torch.no_grad():
         for stem in stems:
-            delta, row = fused_delta(s.file, stem), 0
+            delta, row = fused_delta(file, stem), 0
             for linear in modules[stem]:
                 linear.weight += delta[row : row + linear.out_features].to(linear.weight.dtype)
                 row += linear.out_features
             assert row == delta.shape[0]
-    assert_images_equal(images(pipe, family), s.live)

