@@ -40,6 +40,7 @@ DIFFUSERS_FILE_LAYOUTS = {
     "sd3": "peft_folded", "flux": "peft_folded", "chroma": "peft_folded",
     "zimage": "peft_folded",
     "qwenimage": "peft_folded",
+    "flux2_klein": "peft_folded",
 }
 
 # ComfyUI's generic text-encoder LoRA key: "text_encoders." + its own state-dict name of the weight.

@@ -42,10 +42,20 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "attention": _JOINT_ATTN,  # image and text streams; diffusers' script defaults to the image stream's four
         "attention+ff": _JOINT_ATTN + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
     },
+    "flux2_transformer": {
+        # Double blocks' joint attention; single blocks' fused qkv+MLP-in projection (their fused out
+        # projection is added per block, see _PER_BLOCK_MODULES), as diffusers' Flux.2 scripts.
+        "attention": _JOINT_ATTN + ["to_qkv_mlp_proj"],
+        "attention+ff": _JOINT_ATTN
+        + ["to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"],
+    },
     "llm_text": {"attention": _LLM_ATTN, "attention+ff": _LLM_ATTN + ["gate_proj", "up_proj", "down_proj"]},
     "clip_text": {"attention": _CLIP_ATTN, "attention+ff": _CLIP_ATTN + ["fc1", "fc2"]},
     "t5_text": {"attention": _T5_ATTN, "attention+ff": _T5_ATTN + ["wi_0", "wi_1", "wo"]},
 }
+# Modules a suffix cannot name: Flux.2's single blocks call their output projection attn.to_out, as its
+# double blocks call a ModuleList (which PEFT refuses). Kind -> (block list, module in each block), in every preset.
+_PER_BLOCK_MODULES = {"flux2_transformer": ("single_transformer_blocks", "attn.to_out")}
 PRESET_NAMES = ("attention", "attention+ff")
 DEFAULT_PRESET = "attention"
 
@@ -59,6 +69,7 @@ _KIND_BY_CLASS = {
     "T5EncoderModel": "t5_text",
     "ZImageTransformer2DModel": "zimage_transformer",
     "QwenImageTransformer2DModel": "qwenimage_transformer",
+    "Flux2Transformer2DModel": "flux2_transformer",
     "Qwen3Model": "llm_text",
     "Qwen3ForCausalLM": "llm_text",
     "Qwen2_5_VLForConditionalGeneration": "llm_text",
@@ -97,8 +108,17 @@ def resolve_target_modules(model: nn.Module, preset_or_modules: str | list[str] 
     if preset_or_modules is None:
         preset_or_modules = DEFAULT_PRESET
     if isinstance(preset_or_modules, str) and preset_or_modules in PRESET_NAMES:
-        return list(PRESETS[model_kind(model)][preset_or_modules])
+        kind = model_kind(model)
+        return list(PRESETS[kind][preset_or_modules]) + _per_block_modules(model, kind)
     return preset_or_modules
+
+
+def _per_block_modules(model: nn.Module, kind: str) -> list[str]:
+    """Full names of the :data:`_PER_BLOCK_MODULES` of ``model`` (none for most kinds)."""
+    if kind not in _PER_BLOCK_MODULES:
+        return []
+    blocks, module = _PER_BLOCK_MODULES[kind]
+    return [f"{blocks}.{i}.{module}" for i in range(len(getattr(model, blocks)))]
 
 
 def parse_target_modules(value: str) -> str | list[str]:

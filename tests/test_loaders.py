@@ -46,6 +46,8 @@ ADAPTERS = {
     # Stock diffusers loads the transformer alone for Z-Image and Qwen-Image.
     "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},
     "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},
+    # And for Flux.2: its single blocks' fused qkv+MLP and output projections included.
+    "flux2_klein": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
 }
 FAMILIES = tuple(ADAPTERS)
 
@@ -64,7 +66,8 @@ def randomize_adapter(model: nn.Module, adapter_name: str, seed: int) -> None:
 
 
 def images(pipe, family: str) -> np.ndarray:
-    return pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **tiny_pipeline_kwargs(family)).images
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt="a photo of a cat", generator=generator, **tiny_pipeline_kwargs(family)).images
 
 
 @dataclass
