@@ -41,6 +41,7 @@ DIFFUSERS_FILE_LAYOUTS = {
     "zimage": "peft_folded",
     "qwenimage": "peft_folded",
     "flux2_klein": "peft_folded",
+    "flux2": "peft_folded",
 }
 
 # ComfyUI's generic text-encoder LoRA key: "text_encoders." + its own state-dict name of the weight.

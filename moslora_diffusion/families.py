@@ -721,8 +721,39 @@ class Flux2Klein(_Flux2Base):
         return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
 
 
+class Flux2(_Flux2Base):
+    """FLUX.2 [dev]: Mistral Small 3.1 prompts (BFL's system message, the processor's chat template), hidden states
+    of layers 10, 20 and 30 side by side; guidance-distilled, so the transformer takes the guidance value."""
+
+    name = "flux2"
+    pipeline_class = "Flux2Pipeline"
+    ss_base_model_version = "flux2_dev"
+    modelspec_architecture = "Flux.2-dev/lora"  # musubi-tuner's name
+    license = "other"  # the FLUX [dev] non-commercial licence
+    hub_tags = ("flux2", "flux2-dev", "flux-diffusers")
+    text_encoder_out_layers = (10, 20, 30)
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+        tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+        # As Flux2Pipeline: a system turn and a user turn per prompt, through the processor's chat template.
+        tokens = tokenizer.apply_chat_template(
+            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE), add_generation_prompt=False,
+            tokenize=True, return_dict=True, return_tensors="pt",
+            padding="max_length", truncation=True, max_length=max_sequence_length,
+        )
+        device = _device_of(encoder)
+        out = encoder(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+            output_hidden_states=True, use_cache=False,
+        )
+        return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
+
+
 FAMILIES: dict[str, type[Family]] = {
-    f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage, Flux2Klein)
+    f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage, Flux2Klein, Flux2)
 }
 
 

@@ -316,6 +316,16 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_width=TEXT_HIDDEN,  # the transformer reads three of its layers side by side
         call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "flux2": dict(
+        pipeline="Flux2Pipeline",
+        denoiser=("transformer", "Flux2Transformer2DModel", dict(_FLUX2_TRANSFORMER, guidance_embeds=True)),
+        vae_model=("AutoencoderKLFlux2", _FLUX2_VAE),
+        vae_buffers=_FLUX2_VAE_BATCH_NORM,
+        scheduler=_FLUX2_SCHEDULER,
+        text_encoders=("mistral3",),
+        text_width=TEXT_HIDDEN,
+        call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
@@ -376,6 +386,41 @@ def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
         vocab=vocab, merges=[], model_max_length=model_max_length, chat_template=_QWEN_CHAT_TEMPLATE
     )
     tokenizer.add_tokens(specials[1:], special_tokens=True)
+    return tokenizer
+
+
+# Mistral's chat markers, and a template like Mistral Small 3.1's for system and user turns (content as a string
+# or as a list of {"type": "text"} parts, as Flux2Pipeline sends it).
+_MISTRAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+    "{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def make_mistral_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Byte-level BPE tokenizer (no merges) with Mistral's chat markers and template, in place of FLUX.2 [dev]'s
+    Pixtral processor (which needs torchvision). Flux2Pipeline's system message is one token here (a real BPE
+    makes it about 40), so the tiny's 32-token prompts still hold the user's words."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {tok: i for i, tok in enumerate([*_MISTRAL_TOKENS, *bytes_to_unicode().values()])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=model_max_length, chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+    tokenizer.add_tokens([*_MISTRAL_TOKENS[4:], SYSTEM_MESSAGE], special_tokens=True)
     return tokenizer
 
 
@@ -450,6 +495,30 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
             pad_token_id=tokenizer.pad_token_id,
         )
         return transformers.Qwen3ForCausalLM(config)
+    if kind == "mistral3":  # FLUX.2 [dev]'s Mistral Small 3.1 with a tiny Pixtral vision tower, 30 layers deep
+        config = transformers.Mistral3Config(
+            text_config=dict(
+                model_type="mistral",
+                vocab_size=len(tokenizer),
+                hidden_size=t5_width,
+                intermediate_size=37,
+                max_position_embeddings=512,
+                num_attention_heads=2,
+                num_hidden_layers=30,
+                num_key_value_heads=2,
+                head_dim=t5_width // 2,
+                sliding_window=None,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37, image_size=30, patch_size=6, num_channels=3),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+            image_seq_length=4,
+            vision_feature_layer=-1,
+        )
+        return transformers.Mistral3ForConditionalGeneration(config)
     if kind == "qwen2_5_vl":
         vision_start, vision_end, image_pad = tokenizer.convert_tokens_to_ids(list(_QWEN_VISION_TOKENS))
         config = transformers.Qwen2_5_VLConfig(
@@ -481,6 +550,7 @@ _TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "qwen3": make_qwen_tokenizer,
     "qwen2_5_vl": make_qwen_tokenizer,
     "qwen3_causal": make_qwen_tokenizer,
+    "mistral3": make_mistral_tokenizer,
 }
 
 

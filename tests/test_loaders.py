@@ -48,6 +48,7 @@ ADAPTERS = {
     "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},
     # And for Flux.2: its single blocks' fused qkv+MLP and output projections included.
     "flux2_klein": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
+    "flux2": {"transformer": dict(r=4, lora_alpha=6, mixer_init="orthogonal")},
 }
 FAMILIES = tuple(ADAPTERS)
 

@@ -193,6 +193,7 @@ def test_adapter_spec_existing_path_with_colon_is_a_path(tmp_path):
         ("zimage", (0.7, -0.5)),
         ("qwenimage", (2.0, -1.5)),  # the tiny Qwen-Image moves least per unit of adapter
         ("flux2_klein", (3.0, -2.0)),  # so does the tiny Flux.2 (0.7 moves its images by 0.004)
+        ("flux2", (3.0, -2.0)),
     ],
 )
 def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lora_file, tmp_path):

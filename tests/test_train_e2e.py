@@ -26,6 +26,7 @@ RUNS = {
     "zimage": ("folder", ["--learning_rate", "5e-2"]),  # the Qwen tokenizer and template survive a save
     "qwenimage": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # the video VAE, cached posteriors
     "flux2_klein": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # VAE batch-norm statistics saved
+    "flux2": ("tiny", ["--learning_rate", "5e-2"]),  # the guidance input, Mistral's system turn
 }
 ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
