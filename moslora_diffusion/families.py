@@ -226,6 +226,12 @@ class Family:
         return (sample - shift) * vae_config.scaling_factor
 
     @classmethod
+    def latents_from_vae(cls, vae, sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents from a posterior sample of ``vae``: :meth:`latents_from_vae_sample` of its config
+        (Flux.2 overrides this: its normalisation statistics are VAE buffers, not config values)."""
+        return cls.latents_from_vae_sample(vae.config, sample)
+
+    @classmethod
     def micro_conditioning(cls, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         """The batch's :attr:`micro_conditioning_keys` on ``device``, as :meth:`predict` reads them."""
         return {key: batch[key].to(device) for key in cls.micro_conditioning_keys}
@@ -672,7 +678,130 @@ _QWEN_IMAGE_TEMPLATE_TOKENS = 34
 _QWEN_IMAGE_TOKENIZER_LIMIT = 1024
 
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage)}
+def _stacked_hidden_states(hidden_states: tuple[torch.Tensor, ...], layers: tuple[int, ...]) -> torch.Tensor:
+    """Flux.2's prompt embedding: per token, the hidden states of ``layers`` side by side, (B, L, len(layers) * D)."""
+    stacked = torch.stack([hidden_states[k] for k in layers], dim=1)  # (B, n, L, D)
+    b, n, length, width = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(b, length, n * width)
+
+
+class _Flux2Base(Family):
+    """What Flux.2 [dev] and [klein] share: one transformer over 2x2-patchified, batch-norm-normalised latents.
+
+    Latents: the VAE sample's 2x2 patches as channels (B, 4C, h/2, w/2), then (z - running_mean) /
+    sqrt(running_var + eps) with the VAE's BatchNorm statistics; tokens are its pixels in row order with
+    (t, row, col, layer) = (0, i, j, 0) position ids, text tokens (0, 0, 0, k), as the pipelines build them.
+    """
+
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    llm_text_encoder = "text_encoder"
+    llm_tokenizer = "tokenizer"
+    # Current ComfyUI's Flux2 model is a Flux subclass: flux_to_diffusers maps the diffusers names (single
+    # blocks' attn.to_qkv_mlp_proj -> linear1, attn.to_out -> linear2) under lora_transformer_ (OneTrainer's).
+    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te"}
+    diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
+    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    objective = "flow_matching"
+    default_resolution = 1024
+    resolution_multiple = 16  # the VAE's stride 8 times the 2x2 patches
+    trainable_text_encoders = ()  # the LLM stays frozen, as in diffusers' Flux.2 scripts
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+    # The LLM layers whose hidden states make the prompt embedding (the pipeline's text_encoder_out_layers default).
+    text_encoder_out_layers: ClassVar[tuple[int, ...]]
+
+    @classmethod
+    def latents_from_vae(cls, vae, sample):
+        from diffusers import Flux2KleinPipeline
+
+        patches = Flux2KleinPipeline._patchify_latents(sample)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return (patches - mean.to(patches)) / std.to(patches)
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
+        from diffusers import Flux2KleinPipeline  # its id and packing helpers are Flux2Pipeline's too
+
+        b, c, h, w = noisy_latents.shape
+        prompt_embeds = conditioning["prompt_embeds"]
+        device = noisy_latents.device
+        guidance = None
+        if _config_of(denoiser).guidance_embeds:  # [dev] distils classifier-free guidance into an input
+            guidance = torch.full((b,), guidance_scale, device=device, dtype=torch.float32)
+        tokens = denoiser(
+            hidden_states=Flux2KleinPipeline._pack_latents(noisy_latents),
+            timestep=timesteps / 1000,  # the transformer takes sigmas in [0, 1]
+            guidance=guidance,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(device),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(noisy_latents).to(device),
+            return_dict=False,
+        )[0]
+        return tokens.transpose(1, 2).reshape(b, c, h, w)  # inverse of _pack_latents (tokens in row order)
+
+
+class Flux2Klein(_Flux2Base):
+    """FLUX.2 [klein]: Qwen3 prompts (chat template, thinking off), hidden states of layers 9, 18 and 27 stacked."""
+
+    name = "flux2_klein"
+    pipeline_class = "Flux2KleinPipeline"
+    ss_base_model_version = "flux2_klein"
+    modelspec_architecture = "Flux.2-klein/lora"  # musubi-tuner's names: Flux.2-klein-4b / -9b
+    license = "other"  # 4B: apache-2.0, 9B: FLUX non-commercial; the card cannot tell which
+    hub_tags = ("flux2", "flux2-klein", "flux-diffusers")
+    text_encoder_out_layers = (9, 18, 27)
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+        texts = _chat_prompts(tokenizer, prompts, enable_thinking=False)  # as Flux2KleinPipeline
+        tokens = tokenizer(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        device = _device_of(encoder)
+        out = encoder(
+            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
+            output_hidden_states=True, use_cache=False,
+        )
+        return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
+
+
+class Flux2(_Flux2Base):
+    """FLUX.2 [dev]: Mistral Small 3.1 prompts (BFL's system message, the processor's chat template), hidden states
+    of layers 10, 20 and 30 side by side; guidance-distilled, so the transformer takes the guidance value."""
+
+    name = "flux2"
+    pipeline_class = "Flux2Pipeline"
+    ss_base_model_version = "flux2_dev"
+    modelspec_architecture = "Flux.2-dev/lora"  # musubi-tuner's name
+    license = "other"  # the FLUX [dev] non-commercial licence
+    hub_tags = ("flux2", "flux2-dev", "flux-diffusers")
+    text_encoder_out_layers = (10, 20, 30)
+
+    @classmethod
+    def encode_prompt(cls, components, prompts, max_sequence_length=None):
+        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+        tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+        # As Flux2Pipeline: a system turn and a user turn per prompt, through the processor's chat template.
+        tokens = tokenizer.apply_chat_template(
+            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE), add_generation_prompt=False,
+            tokenize=True, return_dict=True, return_tensors="pt",
+            padding="max_length", truncation=True, max_length=max_sequence_length,
+        )
+        device = _device_of(encoder)
+        out = encoder(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+            output_hidden_states=True, use_cache=False,
+        )
+        return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
+
+
+FAMILIES: dict[str, type[Family]] = {
+    f.name: f for f in (SD15, SD2, SDXL, SD3, Flux, Chroma, ZImage, QwenImage, Flux2Klein, Flux2)
+}
 
 
 # Every component name an adapter file may carry, over all families (denoisers first).

@@ -18,6 +18,7 @@ _JOINT_ATTN = _UNET_ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_ou
 _CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _T5_ATTN = ["q", "k", "v", "o"]
 _LLM_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Qwen, Mistral (Llama-style decoders)
+_FLUX2_SINGLE = ["to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out"]
 
 # model kind -> preset -> module-name suffixes; a "*" stands for one block index and is expanded against
 # the model's own module names (PEFT matches list entries as whole names or suffixes, never patterns).
@@ -46,6 +47,15 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "attention": _JOINT_ATTN,  # image and text streams; diffusers' script defaults to the image stream's four
         "attention+ff": _JOINT_ATTN + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
     },
+    "flux2_transformer": {
+        # Double blocks' joint attention; single blocks' fused qkv+MLP-in projection and their fused output
+        # projection, as diffusers' Flux.2 scripts. That one is named per block: the double blocks' attn.to_out
+        # is a ModuleList, which PEFT refuses.
+        "attention": _JOINT_ATTN + _FLUX2_SINGLE,
+        "attention+ff": _JOINT_ATTN
+        + _FLUX2_SINGLE
+        + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"],
+    },
     "llm_text": {"attention": _LLM_ATTN, "attention+ff": _LLM_ATTN + ["gate_proj", "up_proj", "down_proj"]},
     "clip_text": {"attention": _CLIP_ATTN, "attention+ff": _CLIP_ATTN + ["fc1", "fc2"]},
     "t5_text": {"attention": _T5_ATTN, "attention+ff": _T5_ATTN + ["wi_0", "wi_1", "wo"]},
@@ -63,6 +73,7 @@ _KIND_BY_CLASS = {
     "T5EncoderModel": "t5_text",
     "ZImageTransformer2DModel": "zimage_transformer",
     "QwenImageTransformer2DModel": "qwenimage_transformer",
+    "Flux2Transformer2DModel": "flux2_transformer",
     "Qwen3Model": "llm_text",
     "Qwen3ForCausalLM": "llm_text",
     "Qwen2_5_VLForConditionalGeneration": "llm_text",

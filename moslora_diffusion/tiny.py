@@ -77,6 +77,32 @@ _VAE_BASE = dict(
     sample_size=RESOLUTION,
 )
 
+# Flux.2: a transformer over 2x2 patches of an 8-channel VAE (32 in the real one), reading the hidden states of
+# three LLM layers side by side; both pipelines pick layers up to 30, so the tiny LLMs are that deep.
+_FLUX2_LATENT_CHANNELS = 8
+_FLUX2_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=4 * _FLUX2_LATENT_CHANNELS,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=3 * TEXT_HIDDEN,
+    timestep_guidance_channels=256,  # fixed in the original model
+    axes_dims_rope=(4, 4, 4, 4),  # (t, row, col, layer); sums to attention_head_dim
+)
+_FLUX2_VAE = dict(_VAE_BASE, latent_channels=_FLUX2_LATENT_CHANNELS, use_quant_conv=False, use_post_quant_conv=False)
+# Non-trivial latent statistics, so the normalisation is exercised (the BatchNorm is never trained).
+_FLUX2_VAE_BATCH_NORM = {
+    "bn.running_mean": [0.05 * ((i % 7) - 3) for i in range(4 * _FLUX2_LATENT_CHANNELS)],
+    "bn.running_var": [0.5 + 0.1 * (i % 11) for i in range(4 * _FLUX2_LATENT_CHANNELS)],
+}
+_FLUX2_SCHEDULER = (
+    "FlowMatchEulerDiscreteScheduler",
+    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+         max_image_seq_len=4096),
+)
+
 # One table: for each family, the pipeline class, the denoiser (component name, class, config), the VAE
 # overrides, the scheduler, the text encoders in pipeline order ("clip" = CLIPTextModel, "clip_proj" =
 # CLIPTextModelWithProjection, "t5" = T5EncoderModel, d_model = the denoiser's joint_attention_dim) and
@@ -280,6 +306,26 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         text_encoders=("qwen2_5_vl",),
         call=dict(true_cfg_scale=1.0, max_sequence_length=T5_MAX_LENGTH),
     ),
+    "flux2_klein": dict(
+        pipeline="Flux2KleinPipeline",
+        denoiser=("transformer", "Flux2Transformer2DModel", dict(_FLUX2_TRANSFORMER, guidance_embeds=False)),
+        vae_model=("AutoencoderKLFlux2", _FLUX2_VAE),
+        vae_buffers=_FLUX2_VAE_BATCH_NORM,
+        scheduler=_FLUX2_SCHEDULER,
+        text_encoders=("qwen3_causal",),
+        text_width=TEXT_HIDDEN,  # the transformer reads three of its layers side by side
+        call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
+    "flux2": dict(
+        pipeline="Flux2Pipeline",
+        denoiser=("transformer", "Flux2Transformer2DModel", dict(_FLUX2_TRANSFORMER, guidance_embeds=True)),
+        vae_model=("AutoencoderKLFlux2", _FLUX2_VAE),
+        vae_buffers=_FLUX2_VAE_BATCH_NORM,
+        scheduler=_FLUX2_SCHEDULER,
+        text_encoders=("mistral3",),
+        text_width=TEXT_HIDDEN,
+        call=dict(guidance_scale=4.0, max_sequence_length=T5_MAX_LENGTH),
+    ),
 }
 
 
@@ -343,6 +389,41 @@ def make_qwen_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     return tokenizer
 
 
+# Mistral's chat markers, and a template like Mistral Small 3.1's for system and user turns (content as a string
+# or as a list of {"type": "text"} parts, as Flux2Pipeline sends it).
+_MISTRAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+    "{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def make_mistral_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Byte-level BPE tokenizer (no merges) with Mistral's chat markers and template, in place of FLUX.2 [dev]'s
+    Pixtral processor (which needs torchvision). Flux2Pipeline's system message is one token here (a real BPE
+    makes it about 40), so the tiny's 32-token prompts still hold the user's words."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {tok: i for i, tok in enumerate([*_MISTRAL_TOKENS, *bytes_to_unicode().values()])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=model_max_length, chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+    tokenizer.add_tokens([*_MISTRAL_TOKENS[4:], SYSTEM_MESSAGE], special_tokens=True)
+    return tokenizer
+
+
 # --------------------------------------------------------------------------------------------------
 # Text encoders
 
@@ -401,6 +482,43 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
             pad_token_id=tokenizer.pad_token_id,
         )
         return transformers.Qwen3Model(config)
+    if kind == "qwen3_causal":  # Flux.2 [klein]'s Qwen3 with its LM head, 27 layers deep like the pipeline's picks
+        config = transformers.Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=t5_width,
+            intermediate_size=37,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=t5_width // 2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return transformers.Qwen3ForCausalLM(config)
+    if kind == "mistral3":  # FLUX.2 [dev]'s Mistral Small 3.1 with a tiny Pixtral vision tower, 30 layers deep
+        config = transformers.Mistral3Config(
+            text_config=dict(
+                model_type="mistral",
+                vocab_size=len(tokenizer),
+                hidden_size=t5_width,
+                intermediate_size=37,
+                max_position_embeddings=512,
+                num_attention_heads=2,
+                num_hidden_layers=30,
+                num_key_value_heads=2,
+                head_dim=t5_width // 2,
+                sliding_window=None,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37, image_size=30, patch_size=6, num_channels=3),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+            image_seq_length=4,
+            vision_feature_layer=-1,
+        )
+        return transformers.Mistral3ForConditionalGeneration(config)
     if kind == "qwen2_5_vl":
         vision_start, vision_end, image_pad = tokenizer.convert_tokens_to_ids(list(_QWEN_VISION_TOKENS))
         config = transformers.Qwen2_5_VLConfig(
@@ -431,6 +549,8 @@ _TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "t5": make_t5_tokenizer,
     "qwen3": make_qwen_tokenizer,
     "qwen2_5_vl": make_qwen_tokenizer,
+    "qwen3_causal": make_qwen_tokenizer,
+    "mistral3": make_mistral_tokenizer,
 }
 
 
@@ -480,14 +600,15 @@ def make_tiny_pipeline(family: str, seed: int = 0, torch_dtype: torch.dtype = to
             components["vae"] = seeded(lambda: getattr(diffusers, vae_cls)(**vae_cfg))
         else:
             components["vae"] = seeded(lambda: diffusers.AutoencoderKL(**_VAE_BASE, **spec["vae"]))
+        for name, values in spec.get("vae_buffers", {}).items():
+            components["vae"].get_buffer(name).copy_(torch.tensor(values))
         for i, kind in enumerate(spec["text_encoders"]):
             suffix = "" if i == 0 else f"_{i + 1}"
             tokenizer = _TOKENIZER_FACTORIES[kind]()
             components[f"tokenizer{suffix}"] = tokenizer
             # T5's width is the denoiser's joint_attention_dim, as in the real SD3 / Flux models.
-            components[f"text_encoder{suffix}"] = seeded(
-                lambda: _make_text_encoder(kind, tokenizer, denoiser_cfg.get("joint_attention_dim", TEXT_HIDDEN))
-            )
+            width = spec.get("text_width", denoiser_cfg.get("joint_attention_dim", TEXT_HIDDEN))
+            components[f"text_encoder{suffix}"] = seeded(lambda: _make_text_encoder(kind, tokenizer, width))
 
     pipeline_cls = getattr(diffusers, spec["pipeline"])
     if spec["pipeline"] == "StableDiffusionPipeline":

@@ -37,7 +37,8 @@ def reference_output(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
     "family,preset",
     [("sd15", "attention"), ("sd15", "attention+ff"), ("sd2", "attention"), ("sdxl", "attention"),
      ("sd3", "attention+ff"), ("flux", "attention+ff"), ("chroma", "attention+ff"),
-     ("zimage", "attention+ff"), ("qwenimage", "attention+ff")],
+     ("zimage", "attention+ff"), ("qwenimage", "attention+ff"), ("flux2_klein", "attention"),
+     ("flux2_klein", "attention+ff"), ("flux2", "attention")],
 )
 def test_every_adapted_layer_computes_w0x_plus_sBMAx(family, preset):
     pipe = make_tiny_pipeline(family)

@@ -55,6 +55,9 @@ ADAPTERS = {
     # Stock diffusers loads the transformer alone for Z-Image and Qwen-Image.
     "zimage": {"transformer": dict(r=4, lora_alpha=6, target_modules="attention+ff")},
     "qwenimage": {"transformer": dict(r=4, lora_alpha=8, mixer_init="orthogonal")},
+    # And for Flux.2: its single blocks' fused qkv+MLP and output projections included.
+    "flux2_klein": {"transformer": dict(r=4, lora_alpha=8, target_modules="attention+ff")},
+    "flux2": {"transformer": dict(r=4, lora_alpha=6, mixer_init="orthogonal")},
 }
 FAMILIES = tuple(ADAPTERS)
 
@@ -73,7 +76,8 @@ def randomize_adapter(model: nn.Module, adapter_name: str, seed: int) -> None:
 
 
 def images(pipe, family: str) -> np.ndarray:
-    return pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **tiny_pipeline_kwargs(family)).images
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt="a photo of a cat", generator=generator, **tiny_pipeline_kwargs(family)).images
 
 
 @dataclass

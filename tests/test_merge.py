@@ -117,7 +117,8 @@ def lora_file(tmp_path_factory):
 
 def images(pipe, family: str):
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of a sks dog", generator=torch.Generator().manual_seed(0), **tiny_pipeline_kwargs(family)).images
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt="a photo of a sks dog", generator=generator, **tiny_pipeline_kwargs(family)).images
 
 
 def stock_reference_pipeline(base: Path, adapters: list[tuple[Path, float]]):
@@ -191,6 +192,8 @@ def test_adapter_spec_existing_path_with_colon_is_a_path(tmp_path):
         ("chroma", (0.7, -0.5)),
         ("zimage", (0.7, -0.5)),
         ("qwenimage", (2.0, -1.5)),  # the tiny Qwen-Image moves least per unit of adapter
+        ("flux2_klein", (3.0, -2.0)),  # so does the tiny Flux.2 (0.7 moves its images by 0.004)
+        ("flux2", (3.0, -2.0)),
     ],
 )
 def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lora_file, tmp_path):

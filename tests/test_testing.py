@@ -26,7 +26,7 @@ def _few_threads():
 
 
 def _images(pipe, family):
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_pipeline_kwargs(family)).images
+    return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **tiny_pipeline_kwargs(family)).images
 
 
 def _modules(pipe):

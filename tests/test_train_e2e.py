@@ -25,6 +25,8 @@ RUNS = {
     "chroma": ("tiny", ["--learning_rate", "5e-2"]),
     "zimage": ("folder", ["--learning_rate", "5e-2"]),  # the Qwen tokenizer and template survive a save
     "qwenimage": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # the video VAE, cached posteriors
+    "flux2_klein": ("folder", ["--learning_rate", "5e-2", "--cache_latents"]),  # VAE batch-norm statistics saved
+    "flux2": ("tiny", ["--learning_rate", "5e-2"]),  # the guidance input, Mistral's system turn
 }
 ADAPTER_FILES = tuple(WEIGHT_NAMES.values())
 
@@ -58,7 +60,8 @@ def _validation_call(pipe, family: str, output_type: str = "pil") -> np.ndarray:
     """The recipe's validation call (seed 0, the run's resolution and steps), as stock diffusers makes it."""
     kwargs = get_family(family).pipeline_call_kwargs(32)
     generator = torch.Generator().manual_seed(0)
-    image = pipe(PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2, **kwargs).images[0]
+    image = pipe(prompt=PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2,
+                 **kwargs).images[0]
     return np.asarray(image, dtype=np.int16) if output_type == "pil" else image
 
 

@@ -34,7 +34,7 @@ def test_a_run_with_two_prompts_writes_a_grid_row_each_and_a_caption_file(tmp_pa
         assert (out / "validation" / f"{name}.txt").read_text() == f"row 1: {prompts[0]}\nrow 2: {prompts[1]}\n"
     assert sorted(p.name for p in out.glob("image_*.png")) == [f"image_{i}.png" for i in range(4)]
     card = (out / "README.md").read_text()
-    assert f"Prompt: `{prompts[1]}`" in card and f'pipe("{prompts[0]}")' in card
+    assert f"Prompt: `{prompts[1]}`" in card and f'pipe(prompt="{prompts[0]}")' in card
     assert "--validation_cpu_offload has no effect on cpu" in caplog.text
 
 

@@ -79,7 +79,7 @@ def batch_latents(batch: dict, vae: nn.Module, family, dtype: torch.dtype) -> to
             parameters = vae_posterior_parameters(vae, batch["pixel_values"], family)
     sample = DiagonalGaussianDistribution(parameters).sample()
     # Contiguous: encoder outputs can be channels-last, cached posteriors are not.
-    return family.latents_from_vae_sample(vae.config, sample).to(dtype).contiguous()
+    return family.latents_from_vae(vae, sample).to(dtype).contiguous()
 
 
 def batch_loss(

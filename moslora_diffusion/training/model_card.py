@@ -94,7 +94,7 @@ class ModelCard:
             "```python",
             *load_base,
             f'pipe.load_lora_weights("path/to/this/folder", weight_name="{lora_file}")',
-            f'image = pipe("{(self.validation_prompts or (self.instance_prompt,))[0]}").images[0]',
+            f'image = pipe(prompt="{(self.validation_prompts or (self.instance_prompt,))[0]}").images[0]',
             "```",
             "",
             "## Which file each client takes",

@@ -114,7 +114,7 @@ def generate_validation_images(
             for i, prompt in enumerate(prompts):
                 generator = torch.Generator(device=device).manual_seed(seed + i)
                 images = [
-                    pipeline(prompt, generator=generator, output_type="pil", **extra, **call_kwargs).images[0]
+                    pipeline(prompt=prompt, generator=generator, output_type="pil", **extra, **call_kwargs).images[0]
                     for _ in range(num_images)
                 ]
                 rows.append((prompt, images))
