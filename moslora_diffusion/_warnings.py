@@ -8,7 +8,8 @@ Importing this module is enough (it imports nothing heavy): ``moslora train`` an
 - With the optional quantization backends installed (PEFT and diffusers import them when present): torchao
   logs that its CUDA-only kernels (mxfp8, cutlass) failed to load on a CPU machine, and torch that torchao
   registers Enums the old way; bitsandbytes that the optional `kernels` package is missing; diffusers that
-  torchao no longer has its old tensor classes (only for loading old torchao pickles, which we never do).
+  torchao no longer has its old tensor classes (only for loading old torchao pickles, which we never do),
+  and that int8 supports only bf16 (weight-only int8 runs in fp32 too; the trainer loads in its weight dtype).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ _NOTICES = {
     "torchao": ("Failed to load ",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
-    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    "diffusers.quantizers.torchao.torchao_quantizer": (
+        "Unable to import `torchao` Tensor objects",
+        "for integer quantization, but only bfloat16 is supported right now",  # fp32 works (tests/test_quantized.py)
+    ),
 }
 
 

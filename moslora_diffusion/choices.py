@@ -7,3 +7,6 @@ load; the modules that act on these names import them from here.
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
 
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+QUANTIZATIONS = ("int8", "fp8", "nf4")  # --quantize_base
+QUANTIZATION_BACKENDS = ("auto", "torchao", "quanto", "bitsandbytes")  # --quantization_backend

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..choices import MIXER_INITS, WEIGHTING_SCHEMES
+from ..choices import MIXER_INITS, QUANTIZATION_BACKENDS, QUANTIZATIONS, WEIGHTING_SCHEMES
 from ..targets import PRESET_NAMES, parse_target_modules
 
 DEFAULT_PROG = "train_dreambooth_moslora.py"
@@ -58,6 +58,7 @@ def flag(
 
 _BASE, _DATA, _ADAPTER, _TRAINING = "base model", "data", "adapter (MoSLoRA)", "training"
 _OBJECTIVE, _OUTPUTS = "objective", "validation, checkpoints and logging"
+_MEMORY = "memory"
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,25 @@ class RunConfig:
     )
     allow_tf32: bool = flag(False, "Allow TF32 matmuls on Ampere GPUs.", group=_TRAINING)
     local_rank: int = flag(-1, argparse.SUPPRESS, group=_TRAINING)  # torch.distributed.launch passes it
+
+    # ---------------------------------------------------------------- memory
+    quantize_base: str | None = flag(
+        None,
+        "Load the frozen denoiser's linear layers quantized (weights only; the adapter stays full precision "
+        "and its files do not depend on it). nf4 needs CUDA.",
+        group=_MEMORY,
+        choices=QUANTIZATIONS,
+    )
+    quantization_backend: str = flag(
+        "auto",
+        "Backend of --quantize_base. auto: on CUDA bitsandbytes (int8, nf4) or torchao (fp8); "
+        "on CPU torchao (int8) or optimum-quanto (fp8).",
+        group=_MEMORY,
+        choices=QUANTIZATION_BACKENDS,
+    )
+    quantize_text_encoders: bool = flag(
+        False, "Also quantize the frozen text encoders (e.g. T5-XXL) with --quantize_base.", group=_MEMORY
+    )
 
     # ---------------------------------------------------------------- objective
     snr_gamma: float | None = flag(

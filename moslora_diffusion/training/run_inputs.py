@@ -22,6 +22,7 @@ from .checkpoints import read_training_state, resolve_resume_checkpoint
 from .config import DEFAULT_PROG, RunConfig, UsageError, is_hub_id, parse_run_config
 from .data import ImageFolderError, image_files
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
+from .quantization import BaseQuantization, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class RunInputs:
     base: BaseModel  # the base pipeline's source and family (weights not loaded yet)
     instance_images: tuple[Path, ...]  # the readable images of --instance_data_dir, sorted by name
     resume_checkpoint: Path | None  # the checkpoint-<step> folder --resume_from_checkpoint names
+    quantization: BaseQuantization | None = None  # --quantize_base, its backend resolved and installed
 
 
 def parse_run(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> tuple[RunConfig, RunInputs]:
@@ -77,6 +79,12 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
             raise UsageError(f"--class_data_dir '{config.class_data_dir}' is not a folder")
     elif config.class_data_dir or config.class_prompt:
         logger.warning("--class_data_dir / --class_prompt are ignored without --with_prior_preservation")
+    try:
+        quantization = resolve_quantization(
+            config.quantize_base, config.quantization_backend, config.quantize_text_encoders, _cuda_available()
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     report_to = config.report_to
@@ -94,7 +102,7 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
     config = dataclasses.replace(config, seed=seed, report_to=report_to)
-    return config, RunInputs(base, instance_images, resume_checkpoint)
+    return config, RunInputs(base, instance_images, resume_checkpoint, quantization)
 
 
 def may_replace_earlier_run(config: RunConfig, resume_checkpoint: Path | None) -> bool:
@@ -114,6 +122,12 @@ def _check_output_dir_is_a_folder(output_dir: str) -> None:
             raise UsageError(
                 f"--output_dir '{output_dir}' {where}; give a folder (a new one, or an earlier run's to resume)"
             )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _tensorboard_available() -> bool:
