@@ -243,7 +243,7 @@ def project(low: dict, high: dict, shape: Shape, resolution: int) -> dict:
         return high[key] + (high[key] - low[key]) / span * missing
 
     weights = full("weights_bytes")
-    adapter_state = 16 * (high["adapter_parameters"] + (high["adapter_parameters"] - low["adapter_parameters"]) / span * missing)
+    adapter_state = 16 * full("adapter_parameters")  # fp32 parameter, gradient, AdamW's two moments
     step = full("peak_bytes") - full("weights_bytes")
     activations = max(step - adapter_state, 0.0)
     model = high["model"]
@@ -273,12 +273,14 @@ def run_all(args) -> list[dict]:
                 result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
                 lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
                 if result.returncode != 0 or not lines:
-                    print(f"{model} {base} units={units}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+                    reason = result.stderr.strip().splitlines()[-1:]
+                    print(f"{model} {base} units={units}: failed: {reason}", flush=True)
                     break
                 measured.append(json.loads(lines[-1]))
                 m = measured[-1]
-                print(f"{model} {base} units={units}: weights {m['weights_bytes'] / GB:.2f} GB, step peak "
-                      f"{(m['peak_bytes'] - m['weights_bytes']) / GB:.2f} GB, step {m['step_seconds']:.1f} s", flush=True)  # fmt: skip
+                step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
+                print(f"{model} {base} units={units}: weights {m['weights_bytes'] / GB:.2f} GB, "
+                      f"step peak {step_peak:.2f} GB, step {m['step_seconds']:.1f} s", flush=True)  # fmt: skip
             if len(measured) == 2:
                 rows.append({"measured": measured, "projected": project(*measured, shape, resolution)})
     return rows
@@ -295,9 +297,10 @@ def markdown(rows: list[dict], device: str) -> str:
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         for m in row["measured"]:
+            step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
             out.append(
                 f"| {m['model']} | {m['base']} | {m['units']} | {m['resolution']} | {m['parameters'] / 1e9:.2f} B | "
-                f"{m['weights_bytes'] / GB:.2f} | {(m['peak_bytes'] - m['weights_bytes']) / GB:.2f} | {m['step_seconds']:.1f} |"
+                f"{m['weights_bytes'] / GB:.2f} | {step_peak:.2f} | {m['step_seconds']:.1f} |"
             )
     out += ["", "## Projected to full depth at 1024 px (what fits)", "",
             "Projected, not measured: weights and step memory extrapolated linearly in blocks from the two depths "
@@ -329,8 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="measured px (default: sdxl 256, flux 128 on CPU)")
     parser.add_argument("--text-tokens", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=2, help="steps per run; the last is timed (1: includes AdamW's set-up)")
-    parser.add_argument("--out", default=None, help="results path without suffix (default: benchmarks/results/memory_<device>)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per run, the last timed (1: with AdamW's set-up)")
+    parser.add_argument("--out", default=None, help="path without suffix (default: benchmarks/results/memory_<device>)")
     args = parser.parse_args(argv)
     args.bases = args.bases or (CPU_BASES if args.device == "cpu" else ("bf16", "int8-torchao", "int8-bnb", "nf4-bnb"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

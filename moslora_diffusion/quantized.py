@@ -41,7 +41,7 @@ def quantization_backend(weight: Any) -> str | None:
 
 
 def refuse_merge_into_quantized(layer: nn.Module) -> None:
-    """ValueError naming the layer and backend when ``layer``'s base weight is quantized in a way we cannot requantize."""
+    """ValueError naming the layer and backend when ``layer``'s base weight is quantized and cannot be requantized."""
     backend = quantization_backend(getattr(layer.get_base_layer(), "weight", None))
     if backend is not None:
         name = getattr(layer, "moslora_layer_name", None) or type(layer.get_base_layer()).__name__

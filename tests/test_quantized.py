@@ -56,7 +56,9 @@ def _bnb(model, kind):
         if kind == "int8":
             layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False)
         else:
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type="nf4", compute_dtype=torch.float32)
+            layer = bnb.nn.Linear4bit(
+                linear.in_features, linear.out_features, quant_type="nf4", compute_dtype=torch.float32
+            )
         layer.load_state_dict(linear.state_dict())
         setattr(model, name, layer.to("cpu"))  # .to() quantizes
 
@@ -103,12 +105,15 @@ def _quantized_model(backend: str):
     return model, kind
 
 
+FACTORS = ("lora_A", "lora_mixer", "lora_B")
+
+
 def _reference(model, x):
     """fp32: dequant(W) x + b + s * B M A x, with A, M, B as leaves of their own."""
     outputs, factors = [], []
     for name in ("to_q", "to_k"):
         layer = getattr(model, name)
-        a, m, b = (getattr(layer, f)["default"].weight.detach().clone().requires_grad_() for f in ("lora_A", "lora_mixer", "lora_B"))
+        a, m, b = (getattr(layer, f)["default"].weight.detach().clone().requires_grad_() for f in FACTORS)
         base = layer.get_base_layer()
         delta = layer.scaling["default"] * b @ m @ a
         outputs.append(nn.functional.linear(x, dequantized(base) + delta, base.bias.detach().float()))
@@ -198,7 +203,8 @@ def test_merge_adapters_into_a_quantized_pipeline_refuses_in_one_line(tmp_path, 
     save_moslora_weights(pipe, tmp_path / "adapter")
     target = make_tiny_pipeline("sd15")
     target.unet = quantized
-    with pytest.raises(ValueError, match=r"^cannot merge into unet\.\S+: it is quantized by (torchao|optimum-quanto);") as err:
+    expected = r"^cannot merge into unet\.\S+: it is quantized by (torchao|optimum-quanto);"
+    with pytest.raises(ValueError, match=expected) as err:
         merge_adapters(target, [tmp_path / "adapter"])
     assert "\n" not in str(err.value)
 
@@ -209,7 +215,8 @@ def test_a_quantized_weight_no_backend_can_requantize_refuses_to_fuse():
     add_moslora(model, MoSLoRAConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
     base = model.to_q.get_base_layer()
     base.weight = nn.Parameter(torch.zeros(WIDTH, WIDTH, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match=r"^cannot merge into to_q: its base weight is quantized by Parameter \(torch\.int8\)"):
+    expected = r"^cannot merge into to_q: its base weight is quantized by Parameter \(torch\.int8\)"
+    with pytest.raises(ValueError, match=expected):
         model.to_q.merge()
 
 

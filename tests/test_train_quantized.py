@@ -49,9 +49,12 @@ def test_bad_quantization_choices_are_one_line_exit_2(case, tmp_path, capsys):
 
 def test_a_missing_backend_names_the_pip_command_before_loading(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
+    monkeypatch.setattr(
+        quantization.importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a)
+    )
     out = tmp_path / "out"
-    _bad_input(capsys, tiny_run_argv("sd15", out, "--quantize_base", "fp8"), "needs optimum-quanto: pip install optimum-quanto", out)
+    argv = tiny_run_argv("sd15", out, "--quantize_base", "fp8")
+    _bad_input(capsys, argv, "needs optimum-quanto: pip install optimum-quanto", out)
 
 
 def test_auto_picks_per_device():
@@ -67,8 +70,9 @@ def test_auto_picks_per_device():
 def test_quantize_text_encoders_quantizes_the_frozen_ones_only(train_text_encoder):
     base = resolve_base_model("tiny:flux")
     trained = base.family.trainable_text_encoders if train_text_encoder else ()
+    quantization = BaseQuantization("int8", "quanto", text_encoders=True)
     components = base.load_components(
-        quantization=BaseQuantization("int8", "quanto", text_encoders=True), torch_dtype=torch.float32, trained_text_encoders=trained
+        quantization=quantization, torch_dtype=torch.float32, trained_text_encoders=trained
     )
     assert is_quantized(components["transformer"])
     assert is_quantized(components["text_encoder_2"])  # T5
@@ -79,7 +83,8 @@ def test_quantize_text_encoders_quantizes_the_frozen_ones_only(train_text_encode
 def _image(pipe, output_type="np"):
     kwargs = get_family("sd15").pipeline_call_kwargs(32)
     generator = torch.Generator().manual_seed(0)
-    image = pipe(PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2, **kwargs)
+    size = {"height": 32, "width": 32, "num_inference_steps": 2}
+    image = pipe(PROMPT, generator=generator, output_type=output_type, **size, **kwargs)
     return np.asarray(image.images[0], dtype=np.float64 if output_type == "np" else np.int16)
 
 

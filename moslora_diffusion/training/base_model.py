@@ -39,7 +39,14 @@ class BaseModel:
         return self.family.native_resolution(components)
 
     def load_components(
-        self, *, revision=None, variant=None, vae_source=None, quantization=None, torch_dtype=None, trained_text_encoders=()
+        self,
+        *,
+        revision=None,
+        variant=None,
+        vae_source=None,
+        quantization=None,
+        torch_dtype=None,
+        trained_text_encoders=(),
     ) -> dict[str, Any]:
         """Every component training and sampling need (tokenizers, text encoders, VAE, denoiser, scheduler).
 
@@ -82,7 +89,8 @@ def quantized_load_kwargs(family, model_index: dict, quantization, torch_dtype, 
     for name in quantization.components(family, trained_text_encoders, list(model_index)):
         library, class_name = model_index[name]
         model_cls = getattr(importlib.import_module(library), class_name)
-        kwargs[name] = {"quantization_config": quantization.config_for(model_cls, torch_dtype), "torch_dtype": torch_dtype}
+        config = quantization.config_for(model_cls, torch_dtype)
+        kwargs[name] = {"quantization_config": config, "torch_dtype": torch_dtype}
     return kwargs
 
 

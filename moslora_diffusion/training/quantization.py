@@ -57,7 +57,8 @@ class BaseQuantization:
             return library.TorchAoConfig(quant_type)
         if self.backend == "quanto":
             weights = {"int8": "int8", "fp8": "float8"}[self.kind]
-            return library.QuantoConfig(weights_dtype=weights) if is_diffusers else library.QuantoConfig(weights=weights)
+            # diffusers and transformers name the same setting differently
+            return library.QuantoConfig(**{"weights_dtype" if is_diffusers else "weights": weights})
         if self.kind == "nf4":
             return library.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
@@ -81,7 +82,8 @@ def resolve_quantization(kind: str | None, backend: str, text_encoders: bool, cu
     if kind not in _KINDS_OF_BACKEND[backend]:
         others = [b for b, kinds in _KINDS_OF_BACKEND.items() if kind in kinds]
         raise ValueError(
-            f"--quantization_backend {backend} has no {kind}; use {' or '.join(others)} (or --quantization_backend auto)"
+            f"--quantization_backend {backend} has no {kind}; "
+            f"use {' or '.join(others)} (or --quantization_backend auto)"
         )
     if backend == "bitsandbytes" and not cuda:
         raise ValueError("--quantization_backend bitsandbytes needs a CUDA GPU; without one use torchao or quanto")
