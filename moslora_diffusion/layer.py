@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as peft_lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.lora.variants import _register_frozen_peft_weight
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 MIXER = "lora_mixer"
@@ -169,7 +170,8 @@ class _RefuseQuantizedMerge:
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         from .quantized import refuse_merge_into_quantized
 
-        refuse_merge_into_quantized(self)
+        if check_adapters_to_merge(self, adapter_names):
+            refuse_merge_into_quantized(self)
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
