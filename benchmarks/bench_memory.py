@@ -12,11 +12,14 @@ Each (model, base, depth) runs in a fresh subprocess (``--worker``):
    steps (the first creates AdamW's state; --steps), time the last; step peak = high-water mark - weights.
    Embeddings are random tensors of the cached shapes: no text encoder or VAE is loaded (cached embeddings).
 
-Projection (stated in the output): both quantities are linear in the number of repeated blocks, so two
-depths give a per-block slope and full depth = measured + slope x (blocks missing). The step peak's
-activation part (step peak - adapter parameters, gradients and AdamW state, 16 bytes per parameter) is
-scaled by the token ratio to 1024 px (linear: memory-efficient attention on CUDA keeps no tokens^2
-matrix). The CUDA context (~0.5 GB) and allocator fragmentation are not in the CPU figures.
+Projection (stated in the output): three runs per (model, base): two depths at the measured resolution,
+and the smaller depth at twice that resolution. Weights and the step's fixed part (adapter, gradients,
+AdamW state, per-block temporaries) are linear in the number of repeated blocks: full depth = measured +
+slope x (blocks missing). Activations under gradient checkpointing grow with the tokens: the step peak's
+growth per token (from the two resolutions) x the tokens at 1024 px, plus the block inputs that
+checkpointing keeps for every block (tokens x width x 2 bytes x blocks, computed: Flux 1.6 GB at 1024 px).
+Linear in tokens holds on CUDA (memory-efficient attention keeps no tokens^2 matrix). The CUDA context
+(~0.5 GB, added in the fit columns) and allocator fragmentation are not in the CPU figures.
 
     python benchmarks/bench_memory.py                       # CPU defaults (~10 min on 2 cores)
     python benchmarks/bench_memory.py --device cuda --resolution 1024 --bases bf16 int8-bnb nf4-bnb
@@ -58,13 +61,15 @@ class Shape:
     unit: str  # what one unit is
     text_tokens: int  # cached text embedding length (real model)
     patch: int  # latent pixels per image token side (x 8 VAE)
+    kept_per_token: int  # bytes gradient checkpointing keeps per token at full depth: blocks x width x 2 (bf16)
 
 
 SHAPES = {
     # SDXL: transformer layers per block at the 1280 level (real: 10); widths, heads, the rest as released.
-    "sdxl": Shape((1, 2), 10, "transformer layer per 1280-level block (5 blocks)", 77, 1),
+    # (SDXL's checkpointed inputs: its 1280-level layers see 1/16 of the latent's tokens: < 0.2 GB, left out.)
+    "sdxl": Shape((1, 2), 10, "transformer layer per 1280-level block (5 blocks)", 77, 1, 0),
     # Flux: 1 double-stream + 2 single-stream blocks (real: 19 + 38).
-    "flux": Shape((1, 2), 19, "1 double-stream + 2 single-stream blocks", 512, 2),
+    "flux": Shape((1, 2), 19, "1 double-stream + 2 single-stream blocks", 512, 2, 57 * 3072 * 2),
 }
 
 
@@ -234,55 +239,78 @@ def tokens(model: str, resolution: int, text_tokens: int) -> int:
     return (latent // SHAPES[model].patch) ** 2 + (text_tokens if model == "flux" else 0)
 
 
-def project(low: dict, high: dict, shape: Shape, resolution: int) -> dict:
-    """Full depth (linear in units) and 1024 px (activations linear in tokens)."""
+def flux_text_tokens(resolution: int) -> int:
+    """Flux's T5 length scaled with the image (512 at 1024 px), so both resolutions keep the text's share."""
+    return max(16, SHAPES["flux"].text_tokens * resolution // 1024)
+
+
+def project(low: dict, high: dict, wide: dict, shape: Shape) -> dict:
+    """Full depth (linear in units: ``low``, ``high``) and 1024 px (linear in tokens: ``low``, ``wide``).
+
+    step(units, tokens) = fixed(units) + tokens x per_token, per_token from two resolutions at the low depth.
+    """
     missing = shape.full_depth - high["units"]
     span = high["units"] - low["units"]
 
-    def full(key):
-        return high[key] + (high[key] - low[key]) / span * missing
+    def step(m):
+        return m["peak_bytes"] - m["weights_bytes"]
 
-    weights = full("weights_bytes")
-    adapter_state = 16 * full("adapter_parameters")  # fp32 parameter, gradient, AdamW's two moments
-    step = full("peak_bytes") - full("weights_bytes")
-    activations = max(step - adapter_state, 0.0)
-    model = high["model"]
-    ratio = tokens(model, 1024, shape.text_tokens) / tokens(model, resolution, high["text_tokens"])
+    def full(value_low, value_high):
+        return value_high + (value_high - value_low) / span * missing
+
+    model = low["model"]
+    tokens_low = tokens(model, low["resolution"], low["text_tokens"])
+    tokens_wide = tokens(model, wide["resolution"], wide["text_tokens"])
+    per_token = max(step(wide) - step(low), 0) / (tokens_wide - tokens_low)
+    fixed = full(step(low), step(high)) - per_token * tokens_low
+    weights = full(low["weights_bytes"], high["weights_bytes"])
+    # one block's recomputed activations (measured) + every block's kept input (analytic)
+    activations = (per_token + shape.kept_per_token) * tokens(model, 1024, shape.text_tokens)
     return {
         "weights_gb": weights / GB,
-        "adapter_state_gb": adapter_state / GB,
-        "activations_gb": activations * ratio / GB,
-        "peak_gb": (weights + adapter_state + activations * ratio) / GB,
-        "token_ratio": ratio,
+        "step_fixed_gb": fixed / GB,  # adapter, gradients, AdamW state, per-block temporaries
+        "activations_gb": activations / GB,
+        "peak_gb": (weights + fixed + activations) / GB,
     }
 
 
+def measure(model: str, base: str, units: int, resolution: int, text_tokens: int, args, cache: dict) -> dict | None:
+    key = f"{model}|{base}|{units}|{resolution}|{text_tokens}|{args.device}|{args.steps}"
+    if key not in cache:
+        cmd = [sys.executable, __file__, "--worker", model, base, str(units), str(resolution), str(text_tokens),
+               args.device, str(args.steps)]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0 or not lines:
+            print(f"{key}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+        cache[key] = json.loads(lines[-1])
+        if args.cache:
+            Path(args.cache).write_text(json.dumps(cache, indent=1))
+    m = cache[key]
+    step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
+    print(f"{key}: weights {m['weights_bytes'] / GB:.2f} GB, step peak {step_peak:.2f} GB, "
+          f"step {m['step_seconds']:.1f} s", flush=True)  # fmt: skip
+    return m
+
+
 def run_all(args) -> list[dict]:
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).is_file() else {}
     rows = []
     for model in args.models:
         shape = SHAPES[model]
-        text_tokens = shape.text_tokens if args.text_tokens is None else args.text_tokens
         resolution = args.resolution or {"sdxl": 256, "flux": 128}[model]
-        if model == "flux" and args.text_tokens is None and resolution < 1024:
-            text_tokens = max(16, shape.text_tokens * resolution // 1024)  # keep the text share of tokens
         for base in args.bases:
+            runs = [(units, resolution) for units in shape.depths] + [(shape.depths[0], 2 * resolution)]
             measured = []
-            for units in shape.depths:
-                cmd = [sys.executable, __file__, "--worker", model, base, str(units), str(resolution),
-                       str(text_tokens), args.device, str(args.steps)]  # fmt: skip
-                result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-                lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-                if result.returncode != 0 or not lines:
-                    reason = result.stderr.strip().splitlines()[-1:]
-                    print(f"{model} {base} units={units}: failed: {reason}", flush=True)
+            for units, px in runs:
+                text_tokens = flux_text_tokens(px) if model == "flux" else shape.text_tokens
+                m = measure(model, base, units, px, text_tokens, args, cache)
+                if m is None:
                     break
-                measured.append(json.loads(lines[-1]))
-                m = measured[-1]
-                step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
-                print(f"{model} {base} units={units}: weights {m['weights_bytes'] / GB:.2f} GB, "
-                      f"step peak {step_peak:.2f} GB, step {m['step_seconds']:.1f} s", flush=True)  # fmt: skip
-            if len(measured) == 2:
-                rows.append({"measured": measured, "projected": project(*measured, shape, resolution)})
+                measured.append(m)
+            if len(measured) == 3:
+                rows.append({"measured": measured, "projected": project(*measured, shape)})
     return rows
 
 
@@ -303,15 +331,17 @@ def markdown(rows: list[dict], device: str) -> str:
                 f"{m['weights_bytes'] / GB:.2f} | {step_peak:.2f} | {m['step_seconds']:.1f} |"
             )
     out += ["", "## Projected to full depth at 1024 px (what fits)", "",
-            "Projected, not measured: weights and step memory extrapolated linearly in blocks from the two depths "
-            "above; activations scaled by tokens to 1024 px. Add ~0.5 GB of CUDA context.", "",
-            "| model | base | weights GB | adapter + AdamW GB | activations GB | peak GB | 12 GB | 16 GB | 24 GB |",
+            "Projected, not measured: weights and the step's fixed part extrapolated linearly in blocks from the "
+            "two depths above; activations = the step peak's growth per token (two resolutions at the smaller "
+            "depth) x the tokens at 1024 px, plus the inputs checkpointing keeps per block (computed). "
+            "Fits: peak + 0.5 GB of CUDA context within the budget.", "",
+            "| model | base | weights GB | step, fixed GB | activations GB | peak GB | 12 GB | 16 GB | 24 GB |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         p, m = row["projected"], row["measured"][0]
         fits = ["yes" if p["peak_gb"] + 0.5 <= budget else "no" for budget in (12, 16, 24)]
         out.append(
-            f"| {m['model']} | {m['base']} | {p['weights_gb']:.1f} | {p['adapter_state_gb']:.2f} | "
+            f"| {m['model']} | {m['base']} | {p['weights_gb']:.1f} | {p['step_fixed_gb']:.2f} | "
             f"{p['activations_gb']:.1f} | {p['peak_gb']:.1f} | {' | '.join(fits)} |"
         )
     units = "; ".join(f"{name}: {shape.full_depth} x {shape.unit}" for name, shape in SHAPES.items())
@@ -330,7 +360,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bases", nargs="+", default=None, choices=BASES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolution", type=int, default=None, help="measured px (default: sdxl 256, flux 128 on CPU)")
-    parser.add_argument("--text-tokens", type=int, default=None)
+    parser.add_argument("--cache", default=None, help="JSON file of finished runs, reused and extended (reruns)")
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--steps", type=int, default=2, help="steps per run, the last timed (1: with AdamW's set-up)")
     parser.add_argument("--out", default=None, help="path without suffix (default: benchmarks/results/memory_<device>)")
