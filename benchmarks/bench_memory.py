@@ -346,6 +346,9 @@ def markdown(rows: list[dict], device: str) -> str:
         )
     units = "; ".join(f"{name}: {shape.full_depth} x {shape.unit}" for name, shape in SHAPES.items())
     out += ["", f"Full depth: {units}."]
+    if device == "cpu":
+        out += ["", "bitsandbytes int8 / nf4 need CUDA and are not measured here (`--device cuda`). torchao quantizes "
+                "linear layers only (SDXL's convolutions stay bf16); optimum-quanto quantizes convolutions too."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
