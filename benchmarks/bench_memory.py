@@ -21,7 +21,7 @@ checkpointing keeps for every block (tokens x width x 2 bytes x blocks, computed
 Linear in tokens holds on CUDA (memory-efficient attention keeps no tokens^2 matrix). The CUDA context
 (~0.5 GB, added in the fit columns) and allocator fragmentation are not in the CPU figures.
 
-    python benchmarks/bench_memory.py                       # CPU defaults (~10 min on 2 cores)
+    python benchmarks/bench_memory.py --resolution 64 --steps 1   # what results/memory_cpu.md ran (~15 min, 2 busy cores)
     python benchmarks/bench_memory.py --device cuda --resolution 1024 --bases bf16 int8-bnb nf4-bnb
 
 Writes benchmarks/results/memory_<device>.md and .json.
