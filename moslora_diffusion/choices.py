@@ -9,3 +9,5 @@ MIXER_INITS = ("kaiming", "orthogonal", "identity", "kaiming_folded")
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree")
+QUANTIZATIONS = ("int8", "fp8", "nf4")  # --quantize_base
+QUANTIZATION_BACKENDS = ("auto", "torchao", "quanto", "bitsandbytes")  # --quantization_backend

@@ -140,11 +140,13 @@ class Family:
         revision: str | None = None,
         variant: str | None = None,
         vae_source: str | None = None,
+        component_kwargs: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Every pipeline component training needs, loaded one by one from ``source`` (a folder or hub id).
 
         Components in :data:`UNUSED_COMPONENTS` (safety checker, image encoder, ...) are not loaded: they
         are None. ``vae_source`` replaces the pipeline's VAE with a standalone one (e.g. SDXL's fp16 fix).
+        ``component_kwargs[name]`` goes to that component's ``from_pretrained`` (e.g. a quantization config).
         """
         components: dict[str, Any] = {}
         for name, spec in model_index.items():
@@ -162,6 +164,7 @@ class Family:
                 kwargs["use_safetensors"] = True
                 if variant is not None:
                     kwargs["variant"] = variant
+            kwargs.update((component_kwargs or {}).get(name, {}))
             components[name] = component_cls.from_pretrained(location, **kwargs)
         return components
 

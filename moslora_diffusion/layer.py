@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as peft_lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.lora.variants import _register_frozen_peft_weight
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 MIXER = "lora_mixer"
@@ -124,6 +125,8 @@ class MoSLoRAVariant(LoraVariant):
 class _MoSLoRAMixin:
     """Shared by the Linear and Conv2d layers: choose the variant from the config, and the delta weight."""
 
+    moslora_layer_name: str | None = None  # the module's path in its model, for error messages
+
     def resolve_lora_variant(self, *, config, **kwargs):
         if getattr(config, "use_moslora", False):
             return MoSLoRAVariant()
@@ -158,11 +161,32 @@ def delta_weight_from_factors(
     return torch.einsum("or,rikl->oikl", weight_b[..., 0, 0], weight_a).reshape(base_shape)
 
 
-class MoSLoRALinear(_MoSLoRAMixin, peft_lora_layer.Linear):
+class _RefuseQuantizedMerge:
+    """Generic layers merge by adding to ``weight.data``, which a quantized weight silently ignores: refuse instead.
+
+    (Quantized layers that can be requantized have their own classes in :mod:`moslora_diffusion.quantized`.)
+    """
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from .quantized import refuse_merge_into_quantized
+
+        if check_adapters_to_merge(self, adapter_names):
+            refuse_merge_into_quantized(self)
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        from .quantized import refuse_merge_into_quantized
+
+        if self.merged:
+            refuse_merge_into_quantized(self)
+        super().unmerge()
+
+
+class MoSLoRALinear(_RefuseQuantizedMerge, _MoSLoRAMixin, peft_lora_layer.Linear):
     """PEFT ``lora.Linear`` whose MoSLoRA adapters carry an r x r mixer: y = W0 x + s * B M A x."""
 
 
-class MoSLoRAConv2d(_MoSLoRAMixin, peft_lora_layer.Conv2d):
+class MoSLoRAConv2d(_RefuseQuantizedMerge, _MoSLoRAMixin, peft_lora_layer.Conv2d):
     """PEFT ``lora.Conv2d`` whose MoSLoRA adapters carry an r x r mixer (kernel on A, 1x1 on B, M A folded)."""
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
@@ -171,12 +195,15 @@ class MoSLoRAConv2d(_MoSLoRAMixin, peft_lora_layer.Conv2d):
         return super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
 
-_LAYER_FOR_PEFT_CLASS = {peft_lora_layer.Linear: MoSLoRALinear, peft_lora_layer.Conv2d: MoSLoRAConv2d}
-
-
 def register_moslora_layers(config) -> None:
-    """Make PEFT build MoSLoRA layers for nn.Linear and nn.Conv2d targets of ``config``."""
-    config._register_custom_module({nn.Linear: MoSLoRALinear, nn.Conv2d: MoSLoRAConv2d})
+    """Make PEFT build MoSLoRA layers for nn.Linear and nn.Conv2d targets of ``config``.
+
+    Linear targets get the MoSLoRA subclass of the layer PEFT itself would pick for the base's
+    quantization (bitsandbytes, torchao), see :mod:`moslora_diffusion.quantized`.
+    """
+    from .quantized import moslora_conv2d, moslora_linear
+
+    config._register_custom_module({nn.Linear: moslora_linear, nn.Conv2d: moslora_conv2d})
 
 
 def upgrade_lora_layers(model: nn.Module) -> int:
@@ -185,11 +212,14 @@ def upgrade_lora_layers(model: nn.Module) -> int:
     Needed when a plain LoRA was loaded before a MoSLoRA adapter is added to the same modules: the
     MoSLoRA classes add behaviour only for adapters that have a mixer. Returns how many were upgraded.
     """
+    from .quantized import upgraded_layer_class
+
     upgraded = 0
-    for module in model.modules():
-        target_cls = _LAYER_FOR_PEFT_CLASS.get(type(module))
+    for name, module in model.named_modules():
+        target_cls = upgraded_layer_class(module)
         if target_cls is not None:
             module.__class__ = target_cls
+            module.moslora_layer_name = name
             upgraded += 1
     return upgraded
 

@@ -72,3 +72,25 @@ def test_trainer_report_gives_the_ratios_against_the_peer():
     line = next(line for line in text.splitlines() if line.startswith("| steps/s x peer's path"))
     assert f"| {per_round[len(per_round) // 2]:.2f} / " in line, line
     assert any(line.startswith("| class images x peer's path") for line in text.splitlines())
+
+
+def test_memory_projection_recovers_a_linear_model():
+    """bench_memory's projection: weights and fixed step memory linear in blocks, activations in tokens."""
+    from benchmarks import bench_memory
+
+    shape = bench_memory.SHAPES["flux"]
+    gb = bench_memory.GB
+
+    def run(units, resolution):
+        text = bench_memory.flux_text_tokens(resolution)
+        tokens = bench_memory.tokens("flux", resolution, text)
+        weights = (1 + 2 * units) * gb
+        step = (0.5 + 0.1 * units) * gb + tokens * 1000
+        return {"model": "flux", "units": units, "resolution": resolution, "text_tokens": text,
+                "weights_bytes": weights, "peak_bytes": weights + step}  # fmt: skip
+
+    projected = bench_memory.project(run(1, 64), run(2, 64), run(1, 128), shape)
+    tokens_1024 = bench_memory.tokens("flux", 1024, shape.text_tokens)
+    assert projected["weights_gb"] == pytest.approx(1 + 2 * shape.full_depth)
+    assert projected["step_fixed_gb"] == pytest.approx(0.5 + 0.1 * shape.full_depth)
+    assert projected["activations_gb"] * gb == pytest.approx((1000 + shape.kept_per_token) * tokens_1024)

@@ -77,6 +77,12 @@ class ComponentWeights:
                     tensors[key] = (file, info)
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if isinstance(config.get("quantization_config"), dict):
+            method = config["quantization_config"].get("quant_method", "unknown")
+            raise ValueError(
+                f"{folder}: a quantized checkpoint ({method}); merging writes full-precision weights, "
+                "so give the full-precision base"
+            )
         return cls(name, folder, files, index, dropped, tensors, config)
 
     def locate(self, model_key: str) -> str | None:

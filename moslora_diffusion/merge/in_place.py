@@ -8,11 +8,22 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..families import family_of_pipeline
+from ..quantized import quantization_backend
 from .deltas import AdapterDeltas, select_components
 from .hollow import hollow_pipeline_like
 from .specs import as_specs
 
 logger = logging.getLogger(__name__)
+
+
+def refuse_quantized_parameter(param: torch.Tensor, name: str) -> None:
+    """ValueError for a quantized weight: adding to a quantized copy would silently change nothing."""
+    backend = quantization_backend(param)
+    if backend is not None:
+        raise ValueError(
+            f"cannot merge into {name}: it is quantized by {backend}; merge into the full-precision base "
+            "(moslora merge --base <folder>), or load the adapter and call fuse_lora(), which requantizes"
+        )
 
 
 def merge_adapters(pipe, adapters: Iterable, components: Sequence[str] | None = None):
@@ -35,6 +46,7 @@ def merge_adapters(pipe, adapters: Iterable, components: Sequence[str] | None = 
                 param = params.get(key, params.get(f"{module}.base_layer.{leaf}"))
                 if param is None:
                     raise ValueError(f"{component} has no parameter {key!r} to merge into")
+                refuse_quantized_parameter(param, f"{component}.{key}")
                 delta = deltas.delta(component, key).to(param.device)
                 param.copy_((param.float() + delta).to(param.dtype))
     logger.info(

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import MoSLoRAConfig
 from ..inject import add_moslora
+from .quantization import is_quantized
 
 ADAPTER_NAME = "default"
 
@@ -26,11 +27,19 @@ def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
 def place_frozen_components(
     components: dict[str, Any], family, device, weight_dtype: torch.dtype, custom_vae: bool
 ) -> None:
-    """Freeze every model and move it to ``device``: base weights in ``weight_dtype``, SDXL's own VAE in fp32."""
+    """Freeze every model and move it to ``device``: base weights in ``weight_dtype``, SDXL's own VAE in fp32.
+
+    A quantized model keeps its dtypes (it was loaded in ``weight_dtype``; a cast would undo the quantization).
+    """
     for name, component in components.items():
         if not isinstance(component, nn.Module):
             continue
         component.requires_grad_(False)
+        if is_quantized(component):
+            if getattr(component, "is_loaded_in_4bit", False) or getattr(component, "is_loaded_in_8bit", False):
+                continue  # bitsandbytes loads onto the GPU and refuses .to()
+            nn.Module.to(component, device=device)
+            continue
         dtype = torch.float32 if name == "vae" and family.vae_in_fp32 and not custom_vae else weight_dtype
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast of an fp32 model.
         nn.Module.to(component, device=device, dtype=dtype)

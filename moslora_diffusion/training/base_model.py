@@ -46,8 +46,20 @@ class BaseModel:
             return default_tiny_resolution(self.family.name)
         return self.family.native_resolution(components)
 
-    def load_components(self, *, revision=None, variant=None, vae_source=None) -> dict[str, Any]:
+    def load_components(
+        self,
+        *,
+        revision=None,
+        variant=None,
+        vae_source=None,
+        quantization=None,
+        torch_dtype=None,
+        trained_text_encoders=(),
+    ) -> dict[str, Any]:
         """Every component training and sampling need (tokenizers, text encoders, VAE, denoiser, scheduler).
+
+        ``quantization`` (a :class:`~.quantization.BaseQuantization`) loads the denoiser (and frozen text
+        encoders) quantized, their other weights in ``torch_dtype``.
 
         A single-file base's components come from the file where it holds them, the others (and every config
         and tokenizer) from ``base_config``; ValueError with one line if they cannot be fetched or built.
@@ -66,11 +78,52 @@ class BaseModel:
                 from diffusers import AutoencoderKL
 
                 components["vae"] = AutoencoderKL.from_pretrained(vae_source, revision=revision, use_safetensors=True)
+            if quantization is not None:
+                _quantize_in_memory(components, self.family, quantization, torch_dtype, trained_text_encoders)
             return components
-        return self.family.load_components(self.source, self.model_index, revision=revision, variant=variant, vae_source=vae_source)
+        return self.family.load_components(
+            self.source,
+            self.model_index,
+            revision=revision,
+            variant=variant,
+            vae_source=vae_source,
+            component_kwargs=quantized_load_kwargs(
+                self.family, self.model_index, quantization, torch_dtype, trained_text_encoders
+            ),
+        )
 
     def build_pipeline(self, components: dict[str, Any]):
         return self.family.build_pipeline(components, self.model_index)
+
+
+def quantized_load_kwargs(family, model_index: dict, quantization, torch_dtype, trained_text_encoders) -> dict:
+    """``from_pretrained`` keyword arguments per component for a quantized base ({} without quantization)."""
+    if quantization is None:
+        return {}
+    import importlib
+
+    kwargs = {}
+    for name in quantization.components(family, trained_text_encoders, list(model_index)):
+        library, class_name = model_index[name]
+        model_cls = getattr(importlib.import_module(library), class_name)
+        config = quantization.config_for(model_cls, torch_dtype)
+        kwargs[name] = {"quantization_config": config, "torch_dtype": torch_dtype}
+    return kwargs
+
+
+def _quantize_in_memory(components: dict, family, quantization, torch_dtype, trained_text_encoders) -> None:
+    """A tiny base quantized as a real one is: each chosen model saved and loaded back with its config."""
+    import tempfile
+
+    present = [name for name, model in components.items() if model is not None]
+    with tempfile.TemporaryDirectory() as folder:
+        for name in quantization.components(family, trained_text_encoders, present):
+            model = components[name]
+            model.save_pretrained(f"{folder}/{name}")
+            config = quantization.config_for(type(model), torch_dtype)
+            components[name] = type(model).from_pretrained(
+                f"{folder}/{name}", quantization_config=config, torch_dtype=torch_dtype
+            )
 
 
 def resolve_base_model(value: str, revision: str | None = None, base_config: str | None = None) -> BaseModel:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..choices import MIXER_INITS, OPTIMIZERS, WEIGHTING_SCHEMES
+from ..choices import MIXER_INITS, OPTIMIZERS, QUANTIZATION_BACKENDS, QUANTIZATIONS, WEIGHTING_SCHEMES
 from ..targets import PRESET_NAMES, parse_target_modules
 
 DEFAULT_PROG = "train_dreambooth_moslora.py"
@@ -72,6 +72,7 @@ def parse_size(value: str) -> tuple[int, int]:
 _BASE, _DATA, _ADAPTER, _TRAINING = "base model", "data", "adapter (MoSLoRA)", "training"
 _OBJECTIVE, _OUTPUTS = "objective", "validation, checkpoints and logging"
 _OPTIMIZER, _SPEED = "optimizer, learning rates by role, EMA", "speed"
+_MEMORY = "memory"
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,25 @@ class RunConfig:
         "so lower it for multi-node runs where a lost node would otherwise hang the others.",
         group=_TRAINING,
         check="positive",
+    )
+
+    # ---------------------------------------------------------------- memory
+    quantize_base: str | None = flag(
+        None,
+        "Load the frozen denoiser's linear layers quantized (weights only; the adapter stays full precision "
+        "and its files do not depend on it). nf4 needs CUDA.",
+        group=_MEMORY,
+        choices=QUANTIZATIONS,
+    )
+    quantization_backend: str = flag(
+        "auto",
+        "Backend of --quantize_base. auto: on CUDA bitsandbytes (int8, nf4) or torchao (fp8); "
+        "on CPU torchao (int8) or optimum-quanto (fp8).",
+        group=_MEMORY,
+        choices=QUANTIZATION_BACKENDS,
+    )
+    quantize_text_encoders: bool = flag(
+        False, "Also quantize the frozen text encoders (e.g. T5-XXL) with --quantize_base.", group=_MEMORY
     )
 
     # ---------------------------------------------------------------- objective

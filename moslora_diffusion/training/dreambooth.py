@@ -125,7 +125,12 @@ def _train(
 
     try:
         components = base.load_components(
-            revision=config.revision, variant=config.variant, vae_source=config.pretrained_vae_model_name_or_path
+            revision=config.revision,
+            variant=config.variant,
+            vae_source=config.pretrained_vae_model_name_or_path,
+            quantization=inputs.quantization,
+            torch_dtype=weight_dtype,
+            trained_text_encoders=family.trainable_text_encoders if config.train_text_encoder else (),
         )
     except OSError as err:
         # e.g. a folder with pickled .bin weights only: from_pretrained(use_safetensors=True) refuses it

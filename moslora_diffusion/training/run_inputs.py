@@ -25,6 +25,7 @@ from .guards import LOCK_NAME, refuse_earlier_run_outputs
 from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
 from .validation import read_prompts_file
 from .init_lora import InitLoRA, read_init_lora
+from .quantization import BaseQuantization, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class RunInputs:
     instance_images: tuple[Path, ...]  # the readable images of --instance_data_dir, sorted by name
     resume_checkpoint: Path | None  # the checkpoint-<step> folder --resume_from_checkpoint names
     init_lora: InitLoRA | None = None  # the LoRA --init_lora names, read and checked against the family
+    quantization: BaseQuantization | None = None  # --quantize_base, its backend resolved and installed
 
 
 def parse_run(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> tuple[RunConfig, RunInputs]:
@@ -105,6 +107,12 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
             validation_prompts += read_prompts_file(config.validation_prompts_file)
         except ValueError as err:
             raise UsageError(str(err)) from None
+    try:
+        quantization = resolve_quantization(
+            config.quantize_base, config.quantization_backend, config.quantize_text_encoders, _cuda_available()
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     report_to = config.report_to
     if report_to is None:
         report_to = "tensorboard" if _tensorboard_available() else "none"
@@ -120,7 +128,7 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
     config = dataclasses.replace(config, seed=seed, report_to=report_to, validation_prompt=validation_prompts)
-    return config, RunInputs(base, instance_images, resume_checkpoint, init_lora)
+    return config, RunInputs(base, instance_images, resume_checkpoint, init_lora=init_lora, quantization=quantization)
 
 
 def _with_init_lora_rank_and_alpha(config: RunConfig, init_lora: InitLoRA) -> RunConfig:
@@ -170,6 +178,12 @@ def _check_output_dir_is_a_folder(output_dir: str) -> None:
             raise UsageError(
                 f"--output_dir '{output_dir}' {where}; give a folder (a new one, or an earlier run's to resume)"
             )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _tensorboard_available() -> bool:
