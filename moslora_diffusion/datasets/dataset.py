@@ -27,7 +27,7 @@ from .buckets import BucketChoice, BucketOptions, BucketSelector, Placement, Siz
 from .captions import CaptionOptions, caption_rng, process_caption, read_captions
 from .images import load_image, names, upright_size, usable_images
 from .kohya_config import DatasetSpec, SubsetSpec
-from .masks import find_masks, load_mask, mask_weights, unmasked_weights
+from .masks import MaskError, find_masks, load_mask, mask_weights, unmasked_weights
 from .sampler import BucketGroup
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def read_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") ->
                 find_masks(images, subset.mask_dir, f"{source}.mask_dir") if subset.mask_dir else [None] * len(images)
             )
             sizes = [upright_size(path) for path in images]
+            _check_mask_sizes(images, sizes, masks)
             _warn_small(images, sizes, spec.buckets, source)
             for path, caption, size, mask in zip(images, captions, sizes, masks):
                 records.append(ImageRecord(path, caption, size, None, d, subset, None if subset.is_reg else mask))
@@ -112,6 +113,17 @@ def select_buckets(records: Sequence[ImageRecord], specs: Sequence[DatasetSpec])
         dataclasses.replace(record, choice=selectors[record.dataset_index].select(record.size, str(record.path)))
         for record in records
     ]
+
+
+def _check_mask_sizes(images: list[Path], sizes: list[Size], masks: list[Path | None]) -> None:
+    """A mask must have its image's size: checked from the headers at start-up, not mid-training."""
+    for image, size, mask in zip(images, sizes, masks):
+        if mask is not None and upright_size(mask) != size:
+            width, height = upright_size(mask)
+            raise MaskError(
+                f"mask {mask} is {width}x{height} px but its image {image} is {size[0]}x{size[1]} px; "
+                "a mask must have its image's size"
+            )
 
 
 def _warn_small(images: list[Path], sizes: list[Size], options: BucketOptions, source: str) -> None:

@@ -472,10 +472,19 @@ def parse_run_config(argv: list[str] | None = None, prog: str = DEFAULT_PROG) ->
     known, _ = pre.parse_known_args(argv)
     config_argv = []
     if known.config:
-        config_argv = _config_to_argv(parser, load_config_file(known.config), Path(known.config))
+        values = load_config_file(known.config)
+        # The images come from one source: one named on the command line replaces the file's other one.
+        for given, replaced in (("dataset_config", "instance_data_dir"), ("instance_data_dir", "dataset_config")):
+            if _on_command_line(argv if argv is not None else sys.argv[1:], given):
+                values.pop(replaced, None)
+        config_argv = _config_to_argv(parser, values, Path(known.config))
     namespace = parser.parse_args(config_argv + list(argv if argv is not None else sys.argv[1:]))
     config = RunConfig(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(RunConfig)})
     return _checked(config)
+
+
+def _on_command_line(argv: list[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
 
 
 def _require(config: RunConfig, name: str, why: str) -> None:
