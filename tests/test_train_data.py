@@ -56,8 +56,10 @@ def test_prior_loss_weights_each_reg_sample_in_the_batch_mean():
     """kohya's semantics: reg (prior-preservation) samples mixed into the batch, each weighted by prior_loss_weight."""
     per_sample = torch.tensor([1.0, 3.0, 10.0, 20.0])
     is_reg = torch.tensor([False, True, False, True])
-    assert combine_instance_and_prior_losses(per_sample, is_reg, 0.5).item() == (1.0 + 0.5 * 3.0 + 10.0 + 0.5 * 20.0) / 4
-    assert combine_instance_and_prior_losses(per_sample, torch.zeros(4, dtype=torch.bool), 0.5).item() == per_sample.mean().item()
+    expected = (1.0 + 0.5 * 3.0 + 10.0 + 0.5 * 20.0) / 4
+    assert combine_instance_and_prior_losses(per_sample, is_reg, 0.5).item() == expected
+    no_reg = torch.zeros(4, dtype=torch.bool)
+    assert combine_instance_and_prior_losses(per_sample, no_reg, 0.5).item() == per_sample.mean().item()
 
 
 OBJECTIVES = {

@@ -59,7 +59,8 @@ def _bucketed_dataset(tmp_path) -> list[str]:
     for folder, sizes in (("img", [(96, 32), (32, 96), (50, 36)]), ("reg", [(32, 32), (32, 32)])):
         (tmp_path / folder).mkdir()
         for i, (width, height) in enumerate(sizes):
-            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+            pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.png")
     (tmp_path / "img" / "0.txt").write_text("sks cross, red, on white, small")
     (tmp_path / "data.toml").write_text(BUCKETED_DATASET)
     return ["--dataset_config", str(tmp_path / "data.toml"), "--prior_loss_weight", "0.5"]

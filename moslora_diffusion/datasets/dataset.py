@@ -63,7 +63,7 @@ def dataset_spec_from_folders(
     """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset.
 
     ``resolution`` None: not known yet (the base's default); set it before :func:`select_buckets`."""
-    size = (resolution, resolution) if isinstance(resolution, int) else None if resolution is None else tuple(resolution)
+    size = None if resolution is None else (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     shared = {"caption_extension": caption_extension, "flip_aug": random_flip, "random_crop": random_crop}
     mask_dir = Path(mask_data_dir) if mask_data_dir else None
     options = caption or CaptionOptions()
@@ -71,7 +71,9 @@ def dataset_spec_from_folders(
                           mask_dir=mask_dir, source="--instance_data_dir", **shared)]  # fmt: skip
     if class_data_dir is not None:
         subsets.append(
-            SubsetSpec(Path(class_data_dir), is_reg=True, class_tokens=class_prompt, source="--class_data_dir", **shared)
+            SubsetSpec(
+                Path(class_data_dir), is_reg=True, class_tokens=class_prompt, source="--class_data_dir", **shared
+            )
         )
     return DatasetSpec(tuple(subsets), size, batch_size, buckets or BucketOptions())
 

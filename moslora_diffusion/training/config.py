@@ -558,7 +558,9 @@ def _check_data_flags(config: RunConfig) -> None:
                 "add the class images as a subset with is_reg = true"
             )
         if config.mask_data_dir:
-            raise UsageError("--mask_data_dir is for --instance_data_dir; with --dataset_config set mask_dir per subset")
+            raise UsageError(
+                "--mask_data_dir is for --instance_data_dir; with --dataset_config set mask_dir per subset"
+            )
     if not 0.0 <= config.caption_dropout_rate <= 1.0:
         raise UsageError(f"--caption_dropout_rate must be in [0, 1], got {config.caption_dropout_rate}")
     if config.min_bucket_reso > config.max_bucket_reso:
