@@ -41,6 +41,13 @@ MODES = [
     ("palette.png", _palette_with_transparency, (1, 1), (0, 255, 0), 255),
     ("cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100), (0, 0), (255, 0, 0), None),
     ("grey16.png", lambda p: Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(p), (0, 0), (255, 255, 255), None),
+    (  # 16-bit greyscale ramp: scaled to 8 bits (7 * 4369 / 257 = 119), not clipped to white
+        "grey16ramp.png",
+        lambda p: Image.fromarray(np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369).save(p),
+        (3, 1),
+        (119, 119, 119),
+        None,
+    ),
     (
         "rgb16.png",
         lambda p: _png_rgb16(p, np.full((4, 4, 3), [65535, 32896, 0], np.uint16)),

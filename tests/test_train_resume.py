@@ -25,12 +25,58 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RESUME_FLAGS = ["--lora_dropout", "0.1", "--random_flip", "--gradient_accumulation_steps", "2", "--num_validation_images", "0"]
 
 
-def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path):
-    whole = train("sd15", tmp_path / "whole", *RESUME_FLAGS, "--max_train_steps", "4", "--checkpointing_steps", "10")
+# A kohya dataset file with more randomness: buckets (two aspect ratios and a random crop), repeats, reg images
+# mixed into the batches, caption shuffling and dropout. 6 training + 6 reg samples in batches of 2: buckets of
+# 2, 2 and 8 samples give 6 batches, 3 steps per epoch.
+BUCKETED_DATASET = """
+[general]
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+caption_dropout_rate = 0.3
+[[datasets]]
+resolution = 32
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 16
+max_bucket_reso = 64
+bucket_reso_steps = 16
+  [[datasets.subsets]]
+  image_dir = "img"
+  num_repeats = 2
+  class_tokens = "sks cross"
+  flip_aug = true
+  random_crop = true
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "a cross"
+"""
+
+
+def _bucketed_dataset(tmp_path) -> list[str]:
+    rng = np.random.default_rng(0)
+    for folder, sizes in (("img", [(96, 32), (32, 96), (50, 36)]), ("reg", [(32, 32), (32, 32)])):
+        (tmp_path / folder).mkdir()
+        for i, (width, height) in enumerate(sizes):
+            pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "img" / "0.txt").write_text("sks cross, red, on white, small")
+    (tmp_path / "data.toml").write_text(BUCKETED_DATASET)
+    return ["--dataset_config", str(tmp_path / "data.toml"), "--prior_loss_weight", "0.5"]
+
+
+RESUME_DATA = {"folder": lambda tmp_path: [], "kohya-buckets-repeats-reg": _bucketed_dataset}
+
+
+@pytest.mark.parametrize("data", RESUME_DATA)
+def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, data):
+    flags = [*RESUME_FLAGS, *RESUME_DATA[data](tmp_path)]
+    whole = train("sd15", tmp_path / "whole", *flags, "--max_train_steps", "4", "--checkpointing_steps", "10")
     # Stop after step 2 (a checkpoint mid-epoch), then continue to step 4 from it.
-    split = train("sd15", tmp_path / "split", *RESUME_FLAGS, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    split = train("sd15", tmp_path / "split", *flags, "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert json.loads((split / "checkpoint-2" / STATE_FILE).read_text())["step"] == 2
-    train("sd15", split, *RESUME_FLAGS, "--max_train_steps", "4", "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest")
+    train("sd15", split, *flags, "--max_train_steps", "4", "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest")
 
     expected, resumed = native_adapter(whole), native_adapter(split)
     assert expected.keys() == resumed.keys()

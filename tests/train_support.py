@@ -16,10 +16,12 @@ PROMPT = "a photo of sks cross"
 
 
 def tiny_run_argv(family: str, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a few-step run at 32 px: 2 steps, one 2-step validation image, no TensorBoard, seed 0."""
+    """Flags for a few-step run at 32 px: 2 steps, one 2-step validation image, no TensorBoard, seed 0;
+    on samples/subject unless ``extra`` names a --dataset_config."""
+    data = [] if "--dataset_config" in extra else ["--instance_data_dir", str(SUBJECT)]
     return [
         "--pretrained_model_name_or_path", f"tiny:{family}",
-        "--instance_data_dir", str(SUBJECT),
+        *data,
         "--instance_prompt", PROMPT,
         "--output_dir", str(output_dir),
         "--resolution", "32",  # a tiny base saved as a folder would default to its family's 512-1024

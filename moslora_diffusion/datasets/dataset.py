@@ -1,6 +1,7 @@
 """The training set built from dataset specs: image records, kohya's repeats, bucket groups, the items.
 
-:func:`scan_datasets` reads every subset once (images, captions, upright sizes, buckets, masks);
+:func:`scan_datasets` reads every subset once (images, captions, upright sizes, masks: :func:`read_datasets`)
+and chooses each image's bucket (:func:`select_buckets`, which needs the resolution);
 :func:`expand_repeats` lists the samples of an epoch (kohya: an image ``num_repeats`` times; reg images
 cycled until there are as many as training samples); :func:`bucket_groups` feeds
 :class:`~moslora_diffusion.datasets.sampler.BucketBatchSampler`; :class:`BucketedImageDataset` turns a
@@ -9,6 +10,7 @@ sample into pixels, caption and SDXL sizes, every random choice keyed by (seed, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import defaultdict
@@ -18,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .buckets import BucketChoice, BucketOptions, BucketSelector, Placement, Size, apply_placement, place
 from .captions import CaptionOptions, caption_rng, process_caption, read_captions
-from .images import list_images, load_image, names, upright_size
+from .images import load_image, names, upright_size, usable_images
 from .kohya_config import DatasetSpec, SubsetSpec
-from .masks import find_masks, load_mask, mask_weights, unmasked_weights
+from .masks import MaskError, find_masks, load_mask, mask_weights, unmasked_weights
 from .sampler import BucketGroup
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ class ImageRecord:
     path: Path
     caption: str  # before kohya's per-step operations (shuffle, dropout)
     size: Size  # upright (width, height)
-    choice: BucketChoice
+    choice: BucketChoice | None  # None until :func:`select_buckets`
     dataset_index: int
     subset: SubsetSpec
     mask: Path | None = None
@@ -44,7 +47,7 @@ class ImageRecord:
 def dataset_spec_from_folders(
     instance_data_dir: str | Path,
     *,
-    resolution: int | Size,
+    resolution: int | Size | None,
     instance_prompt: str | None = None,
     class_data_dir: str | Path | None = None,
     class_prompt: str | None = None,
@@ -57,26 +60,38 @@ def dataset_spec_from_folders(
     alpha_mask: bool = False,
     mask_data_dir: str | Path | None = None,
 ) -> DatasetSpec:
-    """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset."""
-    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset.
+
+    ``resolution`` None: not known yet (the base's default); set it before :func:`select_buckets`."""
+    size = None if resolution is None else (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     shared = {"caption_extension": caption_extension, "flip_aug": random_flip, "random_crop": random_crop}
     mask_dir = Path(mask_data_dir) if mask_data_dir else None
     options = caption or CaptionOptions()
     subsets = [SubsetSpec(Path(instance_data_dir), class_tokens=instance_prompt, caption=options, alpha_mask=alpha_mask,
-                          mask_dir=mask_dir, **shared)]  # fmt: skip
+                          mask_dir=mask_dir, source="--instance_data_dir", **shared)]  # fmt: skip
     if class_data_dir is not None:
-        subsets.append(SubsetSpec(Path(class_data_dir), is_reg=True, class_tokens=class_prompt, **shared))
+        subsets.append(
+            SubsetSpec(
+                Path(class_data_dir), is_reg=True, class_tokens=class_prompt, source="--class_data_dir", **shared
+            )
+        )
     return DatasetSpec(tuple(subsets), size, batch_size, buckets or BucketOptions())
 
 
 def scan_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") -> list[ImageRecord]:
     """Every image of every subset, with its caption (fallback: the subset's class_tokens) and bucket."""
+    return select_buckets(read_datasets(specs, caption_column), specs)
+
+
+def read_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") -> list[ImageRecord]:
+    """Every readable image of every subset with its caption, upright size and mask; buckets not chosen yet.
+
+    Unreadable images are skipped with a warning naming them; bad folders, metadata and masks raise."""
     records = []
     for d, spec in enumerate(specs):
-        selector = BucketSelector(spec.resolution, spec.buckets)
         for s, subset in enumerate(spec.subsets):
-            source = f"datasets[{d}].subsets[{s}]"
-            images = list_images(subset.image_dir, source)
+            source = subset.source or f"datasets[{d}].subsets[{s}]"
+            images = usable_images(subset.image_dir, source)
             captions = read_captions(
                 images, caption_extension=subset.caption_extension, caption_column=caption_column,
                 fallback=subset.class_tokens, source=source,
@@ -85,11 +100,32 @@ def scan_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") ->
                 find_masks(images, subset.mask_dir, f"{source}.mask_dir") if subset.mask_dir else [None] * len(images)
             )
             sizes = [upright_size(path) for path in images]
+            _check_mask_sizes(images, sizes, masks)
             _warn_small(images, sizes, spec.buckets, source)
             for path, caption, size, mask in zip(images, captions, sizes, masks):
-                choice = selector.select(size, str(path))
-                records.append(ImageRecord(path, caption, size, choice, d, subset, None if subset.is_reg else mask))
+                records.append(ImageRecord(path, caption, size, None, d, subset, None if subset.is_reg else mask))
     return records
+
+
+def select_buckets(records: Sequence[ImageRecord], specs: Sequence[DatasetSpec]) -> list[ImageRecord]:
+    """``records`` with each image's bucket for its dataset's resolution and bucket options (BucketError for an
+    image too small for bucket_no_upscale)."""
+    selectors = [BucketSelector(spec.resolution, spec.buckets) for spec in specs]
+    return [
+        dataclasses.replace(record, choice=selectors[record.dataset_index].select(record.size, str(record.path)))
+        for record in records
+    ]
+
+
+def _check_mask_sizes(images: list[Path], sizes: list[Size], masks: list[Path | None]) -> None:
+    """A mask must have its image's size: checked from the headers at start-up, not mid-training."""
+    for image, size, mask in zip(images, sizes, masks):
+        if mask is not None and upright_size(mask) != size:
+            width, height = upright_size(mask)
+            raise MaskError(
+                f"mask {mask} is {width}x{height} px but its image {image} is {size[0]}x{size[1]} px; "
+                "a mask must have its image's size"
+            )
 
 
 def _warn_small(images: list[Path], sizes: list[Size], options: BucketOptions, source: str) -> None:
@@ -150,7 +186,12 @@ def bucket_groups(
 
 class BucketedImageDataset(Dataset):
     """Sample ``i`` of the epoch: its image placed in its bucket, its caption after kohya's operations, the
-    SDXL sizes, ``is_reg`` and (with ``masked_loss``) per-latent-pixel loss weights."""
+    SDXL sizes, ``is_reg`` and (with ``masked_loss``) per-latent-pixel loss weights.
+
+    ``fixed_crops``: each image's random crop is drawn once (keyed by the image, not the epoch), so that cached
+    latents cover every placement: one per image and flip. Once :attr:`latents` holds an entry per (record
+    index, flip), items carry ``latent_parameters`` (the VAE posterior) instead of pixels.
+    """
 
     def __init__(
         self,
@@ -160,9 +201,12 @@ class BucketedImageDataset(Dataset):
         seed: int,
         masked_loss: bool = False,
         vae_scale_factor: int = 8,
+        fixed_crops: bool = False,
     ):
         self.records, self.samples = list(records), list(samples)
         self.seed, self.masked_loss, self.vae_scale_factor = seed, masked_loss, vae_scale_factor
+        self.fixed_crops = fixed_crops
+        self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -177,14 +221,38 @@ class BucketedImageDataset(Dataset):
         record = self.records[self.samples[index]]
         rng = random.Random(f"{self.seed}/{self.epoch if epoch is None else epoch}/image/{index}")
         flip = record.subset.flip_aug and rng.random() < 0.5
-        return record, place(record.size, record.choice, random_crop=record.subset.random_crop, flip=flip, rng=rng)
+        return record, self.record_placement(self.samples[index], flip, rng)
+
+    def record_placement(self, record_index: int, flip: bool, rng: random.Random | None = None) -> Placement:
+        """Record ``record_index``'s placement with ``flip``; its crop from ``rng``, or its own with fixed crops."""
+        record = self.records[record_index]
+        if self.fixed_crops or rng is None:
+            rng = random.Random(f"{self.seed}/crop/{record_index}")
+        return place(record.size, record.choice, random_crop=record.subset.random_crop, flip=flip, rng=rng)
+
+    def cached_placements(self) -> list[tuple[int, Placement]]:
+        """(record index, placement) of every latent that training can ask for (with fixed crops)."""
+        used = sorted(set(self.samples))
+        flips = {i: (False, True) if self.records[i].subset.flip_aug else (False,) for i in used}
+        return [(i, self.record_placement(i, flip)) for i in used for flip in flips[i]]
+
+    def pixels(self, record: ImageRecord, placement: Placement) -> tuple[torch.Tensor, Image.Image | None]:
+        """(3, h, w) pixels in [-1, 1] of ``record`` placed, and its alpha channel (None without one)."""
+        image, alpha = load_image(record.path)
+        placed = np.array(apply_placement(image, placement), dtype=np.uint8)
+        return torch.from_numpy(placed).permute(2, 0, 1).float() / 127.5 - 1.0, alpha
 
     def __getitem__(self, index: int) -> dict:
         record, placement = self.placement(index)
-        image, alpha = load_image(record.path)
-        placed = np.array(apply_placement(image, placement), dtype=np.uint8)
-        item = {
-            "pixel_values": torch.from_numpy(placed).permute(2, 0, 1).float() / 127.5 - 1.0,
+        alpha = None
+        if self.latents is not None:
+            item = {"latent_parameters": self.latents[(self.samples[index], placement.flip)]}
+            if self.masked_loss and record.subset.alpha_mask and not record.subset.is_reg:
+                _, alpha = load_image(record.path)
+        else:
+            pixels, alpha = self.pixels(record, placement)
+            item = {"pixel_values": pixels}
+        item.update({
             "caption": process_caption(
                 record.caption, record.subset.caption, caption_rng(self.seed, self.epoch, index)
             ),
@@ -192,7 +260,7 @@ class BucketedImageDataset(Dataset):
             "crop_top_left": placement.crop_top_left,
             "target_size": placement.target_size,
             "is_reg": record.subset.is_reg,
-        }
+        })  # fmt: skip
         if self.masked_loss:
             item["loss_weights"] = self._weights(record, placement, alpha)
         return item
@@ -210,9 +278,11 @@ class BucketedImageDataset(Dataset):
 
 
 def collate_bucketed(items: list[dict]) -> dict:
-    """One batch (all items from one bucket): stacked pixels, the captions, SDXL sizes, reg flags, weights."""
+    """One batch (all items from one bucket): stacked pixels (or cached latent posteriors), the captions, SDXL
+    sizes, reg flags, weights."""
+    key = "latent_parameters" if "latent_parameters" in items[0] else "pixel_values"
     batch = {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        key: torch.stack([item[key] for item in items]),
         "captions": [item["caption"] for item in items],
         "original_sizes": torch.tensor([item["original_size"] for item in items], dtype=torch.float32),
         "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.float32),

@@ -38,10 +38,12 @@ def list_images(folder: str | Path, source: str) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.exists():
-        raise ImageReadError(f"{source}: image folder '{folder}' does not exist")
+        raise ImageReadError(f"{source} '{folder}' does not exist")
     if not folder.is_dir():
         raise ImageReadError(f"{source}: '{folder}' is a file, expected a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = _files(folder)
+    if not files:
+        raise ImageReadError(f"{source} '{folder}' is empty: put the training images there")
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         raise ImageReadError(
@@ -49,6 +51,40 @@ def list_images(folder: str | Path, source: str) -> list[Path]:
             + (f": {names(files)}" if files else "")
         )
     return images
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def usable_images(folder: str | Path, source: str) -> list[Path]:
+    """:func:`list_images`, without the images that cannot be decoded: they are skipped with one warning naming
+    them and the folder's stray files (a file sharing an image's stem, such as its caption, or a metadata
+    file belongs to the images and is not named). Raises :class:`ImageReadError` when no image is readable.
+    """
+    images = list_images(folder, source)
+    readable = [path for path in images if _decodes(path)]
+    files = _files(Path(folder))
+    if not readable:
+        raise ImageReadError(
+            f"{source} '{folder}' holds no readable images (found {len(files)} files: {names(files)})"
+        )
+    stems = {path.stem for path in readable}
+    companions = [path for path in files if path.stem in stems or path.name in ("metadata.jsonl", "metadata.csv")]
+    skipped = [path for path in files if path not in readable and (path in images or path not in companions)]
+    if skipped:
+        logger.warning("Skipping %d unreadable file(s) in %s '%s': %s", len(skipped), source, folder, names(skipped))
+    return readable
+
+
+def _decodes(path: Path) -> bool:
+    """Whether the image decodes fully (a truncated file opens, then fails here rather than mid-training)."""
+    try:
+        with _open(path) as image:
+            image.load()
+        return True
+    except (ImageReadError, OSError, ValueError, SyntaxError):
+        return False
 
 
 def _open(path: Path) -> Image.Image:

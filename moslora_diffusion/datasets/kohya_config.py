@@ -44,6 +44,7 @@ class SubsetSpec:
     random_crop: bool = False
     alpha_mask: bool = False
     mask_dir: Path | None = None
+    source: str | None = None  # how messages name it: a flag (--instance_data_dir); None: its table in the file
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class DatasetSpec:
     """Subsets sharing a resolution, batch size and bucket settings (a batch never mixes datasets)."""
 
     subsets: tuple[SubsetSpec, ...]
-    resolution: Size  # (width, height)
+    resolution: Size | None  # (width, height); None on the flag route until the base says its default
     batch_size: int = 1
     buckets: BucketOptions = field(default_factory=BucketOptions)
 
@@ -89,7 +90,6 @@ def _checker(kind: type, minimum: float | None = None, maximum: float | None = N
 SUBSET_ONLY_KEYS = {
     "image_dir": _checker(str),
     "is_reg": _checker(bool),
-    "alpha_mask": _checker(bool),
     "mask_dir": _checker(str),
 }
 SUBSET_KEYS = {
@@ -104,6 +104,7 @@ SUBSET_KEYS = {
     "caption_suffix": _checker(str),
     "flip_aug": _checker(bool),
     "random_crop": _checker(bool),
+    "alpha_mask": _checker(bool),
 }
 DATASET_KEYS = {
     "resolution": _resolution,
@@ -195,7 +196,8 @@ def _subset(subset: dict, where: str, chain: tuple[dict, ...], base_dir: Path, f
     mask_dir = _folder(base_dir, subset["mask_dir"], where, "mask_dir", fail) if "mask_dir" in subset else None
     caption_fields = [option.name for option in dataclasses.fields(CaptionOptions)]
     present = {
-        key: value(key) for key in (*caption_fields, "class_tokens", "caption_extension", "flip_aug", "random_crop")
+        key: value(key)
+        for key in (*caption_fields, "class_tokens", "caption_extension", "flip_aug", "random_crop", "alpha_mask")
     }
     present = {key: v for key, v in present.items() if v is not None}
     return SubsetSpec(
@@ -203,7 +205,6 @@ def _subset(subset: dict, where: str, chain: tuple[dict, ...], base_dir: Path, f
         is_reg=subset.get("is_reg", False),
         num_repeats=repeats or 1,
         caption=CaptionOptions(**{key: present.pop(key) for key in caption_fields if key in present}),
-        alpha_mask=subset.get("alpha_mask", False),
         mask_dir=mask_dir,
         **present,
     )

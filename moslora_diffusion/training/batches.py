@@ -1,5 +1,5 @@
-"""From a data batch to its loss: prompt conditioning (cached or encoded every step), latents (from cached
-VAE posteriors or by encoding the pixels), and the DreamBooth loss of one batch.
+"""From a data batch to its loss: the conditioning of its captions (cached or encoded every step), latents
+(from cached VAE posteriors or by encoding the pixels), and the DreamBooth loss of one batch.
 
 What differs per family (prompt encoding, latent scaling, micro-conditioning, the denoiser call) goes
 through :mod:`moslora_diffusion.families`; the maths of the objective through :mod:`.objectives`.
@@ -7,6 +7,9 @@ through :mod:`moslora_diffusion.families`; the maths of the objective through :m
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,46 +17,67 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from ..datasets.cache import TensorCache, caption_cache_key, weights_fingerprint
 from .objectives import combine_instance_and_prior_losses
+
+
+def hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
 class PromptConditioning:
-    """Conditioning for the instance (and class) prompt: cached tensors, or encoders to run every step."""
+    """Conditioning tensors for a batch's captions: looked up in a cache where every caption was encoded once
+    (frozen text encoders), else encoded for every batch (trained encoders, or shuffled captions)."""
 
     family: Any
-    instance_prompt: str
-    class_prompt: str | None
     max_sequence_length: int | None
     text_components: dict[str, Any]  # tokenizers and text encoders (trained ones as prepared by accelerate)
-    cached: dict[str, dict[str, torch.Tensor]] | None = None
+    device: torch.device  # where the denoiser reads the conditioning
+    trained: bool = False  # a text encoder is trained: encode with gradients, never cache
+    cached: dict[str, dict[str, torch.Tensor]] | None = None  # caption -> tensors (CPU, fp32)
 
-    def cache(self) -> None:
-        """Encode both prompts once, without gradients (when no text encoder is trained).
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.family.encode_prompt(self.text_components, captions, self.max_sequence_length)
+
+    def cache(self, captions: Iterable[str], store: TensorCache | None = None, fingerprint: str = "",
+              progress: Callable = lambda items, **kwargs: items) -> TensorCache:  # fmt: skip
+        """Encode each unique caption once, without gradients, into ``store`` (in memory by default; on disk,
+        keyed by the caption and ``fingerprint``, the encoders' identity).
 
         Kept in fp32, as trained (autocast) encoders return them, so both paths feed the denoiser alike.
         """
-        prompts = {"instance": self.instance_prompt}
-        if self.class_prompt:
-            prompts["class"] = self.class_prompt
+        store = store or TensorCache(None, "text encoder")
+        cached = {}
         with torch.no_grad():
-            self.cached = {
-                kind: {
-                    key: t.float()
-                    for key, t in self.family.encode_prompt(self.text_components, [p], self.max_sequence_length).items()
-                }
-                for kind, p in prompts.items()
-            }
+            for caption in progress(sorted(set(captions)), desc="Encoding captions"):
+                cached[caption] = store.get_or_compute(
+                    caption_cache_key(caption, fingerprint),
+                    lambda caption=caption: {key: t.float() for key, t in self.encode([caption]).items()},
+                )
+        self.cached = cached
+        return store
 
-    def for_batch(self, num_instance: int, num_class: int) -> dict[str, torch.Tensor]:
-        if self.cached is None:
-            prompts = [self.instance_prompt] * num_instance + [self.class_prompt] * num_class
-            return self.family.encode_prompt(self.text_components, prompts, self.max_sequence_length)
-        parts = [("instance", num_instance)] + ([("class", num_class)] if num_class else [])
-        return {
-            key: torch.cat([self.cached[kind][key].expand(n, *self.cached[kind][key].shape[1:]) for kind, n in parts])
-            for key in self.cached["instance"]
-        }
+    def for_batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.cached is not None:
+            first = self.cached[captions[0]]
+            return {key: torch.cat([self.cached[c][key] for c in captions]).to(self.device) for key in first}
+        with contextlib.nullcontext() if self.trained else torch.no_grad():
+            return self.encode(captions)
+
+
+def text_encoders_fingerprint(family, text_components: dict[str, Any], max_sequence_length: int | None) -> str:
+    """What determines a caption's encoding: the family, T5 length, the tokenizers' vocabularies and every text
+    encoder's weights (a disk cache entry of other encoders is never used)."""
+    parts = [family.name, str(max_sequence_length)]
+    for name in sorted(text_components):
+        component = text_components[name]
+        if name.startswith("tokenizer") and component is not None:
+            vocab = sorted(component.get_vocab().items())
+            parts.append(f"{name}:{type(component).__name__}:{component.model_max_length}:{hash_text(repr(vocab))}")
+        elif name.startswith("text_encoder") and component is not None:
+            parts.append(f"{name}:{weights_fingerprint(component)}")
+    return hash_text("|".join(parts))
 
 
 def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -69,17 +93,17 @@ def vae_posterior_parameters(vae: nn.Module, pixels: torch.Tensor, family) -> to
     return vae.encode(family.vae_input(pixels.to(device=device, dtype=dtype))).latent_dist.parameters
 
 
-def batch_latents(batch: dict, vae: nn.Module, family, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh latent sample per image (from cached posteriors, or by encoding the pixels)."""
+def batch_latents(batch: dict, vae: nn.Module, family, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh latent sample per image on ``device`` (from cached posteriors, or by encoding the pixels)."""
     if "latent_parameters" in batch:
-        device, vae_dtype = _placement(vae)
+        _, vae_dtype = _placement(vae)  # the VAE itself may have left the accelerator
         parameters = batch["latent_parameters"].to(device=device, dtype=vae_dtype)
     else:
         with torch.no_grad():
             parameters = vae_posterior_parameters(vae, batch["pixel_values"], family)
     sample = DiagonalGaussianDistribution(parameters).sample()
     # Contiguous: encoder outputs can be channels-last, cached posteriors are not.
-    return family.latents_from_vae(vae, sample).to(dtype).contiguous()
+    return family.latents_from_vae(vae, sample).to(device=device, dtype=dtype).contiguous()
 
 
 def batch_loss(
@@ -94,18 +118,18 @@ def batch_loss(
     prior_loss_weight: float,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """DreamBooth loss of one batch: instance loss plus ``prior_loss_weight`` times the class loss.
+    """DreamBooth loss of one batch: the mean over its samples of each one's loss (masked by ``loss_weights``
+    when the batch has them), prior-preservation samples weighted by ``prior_loss_weight``.
 
     ``guidance_scale``: the guidance value a guidance-distilled denoiser (Flux) is given.
     """
-    device, _ = _placement(vae)
-    latents = batch_latents(batch, vae, family, weight_dtype)
-    num_instance = batch["num_instance"]
-    cond = conditioning.for_batch(num_instance, latents.shape[0] - num_instance)
+    device, _ = _placement(denoiser)
+    latents = batch_latents(batch, vae, family, weight_dtype, device)
+    cond = conditioning.for_batch(batch["captions"])
     noisy = objective.add_noise(latents)
     micro = family.micro_conditioning(batch, device)
     prediction = family.predict(
         denoiser, noisy.model_input, noisy.timesteps, cond, micro, guidance_scale=guidance_scale
     )
-    per_sample = objective.loss_per_sample(prediction, noisy)
-    return combine_instance_and_prior_losses(per_sample, num_instance, prior_loss_weight)
+    per_sample = objective.loss_per_sample(prediction, noisy, batch.get("loss_weights"))
+    return combine_instance_and_prior_losses(per_sample, batch["is_reg"], prior_loss_weight)

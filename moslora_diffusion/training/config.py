@@ -139,6 +139,69 @@ class RunConfig:
     dataloader_num_workers: int = flag(
         0, "Data loading worker processes (0: in the main process).", group=_DATA, check="non_negative"
     )
+    dataset_config: str | None = flag(
+        None,
+        "A kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]): several image folders, each with its "
+        "caption extension, class_tokens, num_repeats, is_reg, buckets; replaces --instance_data_dir. Data flags "
+        "below fill in what the file leaves out.",
+        group=_DATA,
+    )
+    caption_extension: str | None = flag(
+        None,
+        "Caption file beside each image, <stem><ext>; images without one (and without a metadata.jsonl/.csv "
+        "entry) train on --instance_prompt. Default .txt (.caption inside a --dataset_config file, as kohya).",
+        group=_DATA,
+    )
+    caption_column: str = flag(
+        "text", "Text column of a folder's metadata.jsonl / metadata.csv (with a file_name column).", group=_DATA
+    )
+    caption_dropout_rate: float = flag(
+        0.0, "Probability of training a sample on the empty prompt (for classifier-free guidance).", group=_DATA
+    )
+    shuffle_caption: bool = flag(
+        False, "Shuffle a caption's comma-separated tokens each time it is used (kohya).", group=_DATA
+    )
+    keep_tokens: int = flag(
+        0, "With --shuffle_caption: the first N tokens (e.g. the trigger word) stay first.", group=_DATA,
+        check="non_negative",
+    )
+    enable_bucket: bool = flag(
+        False, "Aspect-ratio buckets of about --resolution's area: portrait and landscape photos stay whole.",
+        group=_DATA,
+    )
+    min_bucket_reso: int = flag(256, "Smallest bucket side in pixels.", group=_DATA, check="positive")
+    max_bucket_reso: int = flag(1024, "Largest bucket side in pixels.", group=_DATA, check="positive")
+    bucket_reso_steps: int = flag(
+        64, "Bucket sides are multiples of this (of 16 for SD3 and Flux, 8 for the others).", group=_DATA,
+        check="positive",
+    )
+    bucket_no_upscale: bool = flag(
+        False, "Never enlarge an image: one smaller than the area keeps its size, sides rounded down.", group=_DATA
+    )
+    masked_loss: bool = flag(
+        False, "Weight the loss per latent pixel by the image's mask (white: train, black: ignore).", group=_DATA
+    )
+    alpha_mask: bool = flag(False, "With --masked_loss: the mask is the image's alpha channel.", group=_DATA)
+    mask_data_dir: str | None = flag(
+        None, "With --masked_loss: a folder of masks named like the images (same stem).", group=_DATA
+    )
+    cache_latents_to_disk: bool = flag(
+        False,
+        "Keep the cached latents (implies --cache_latents) on disk, keyed by image bytes, VAE weights and crop, so "
+        "later runs encode nothing: $MOSLORA_CACHE_DIR, else ~/.cache/moslora.",
+        group=_DATA,
+    )
+    cache_text_encoder_outputs: bool = flag(
+        False,
+        "Encode every caption once, then move the text encoders off the accelerator (not with "
+        "--train_text_encoder or --shuffle_caption).",
+        group=_DATA,
+    )
+    cache_text_encoder_outputs_to_disk: bool = flag(
+        False,
+        "Keep them on disk for later runs, beside the latents (implies --cache_text_encoder_outputs).",
+        group=_DATA,
+    )
 
     # ---------------------------------------------------------------- adapter
     rank: int | None = flag(
@@ -488,6 +551,8 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
 _INPUT_PATH_KEYS = (
     "instance_data_dir",
     "class_data_dir",
+    "mask_data_dir",
+    "dataset_config",
     "pretrained_model_name_or_path",
     "pretrained_vae_model_name_or_path",
     "validation_prompts_file",
@@ -542,7 +607,7 @@ def _config_to_argv(parser: argparse.ArgumentParser, values: dict, config_path: 
         ):
             relative = config_path.parent / value
             # Data folders are always relative to the file; a base model only if it is there (else a hub id).
-            if key.endswith("data_dir") or relative.exists():
+            if key.endswith("data_dir") or key == "dataset_config" or relative.exists():
                 value = str(relative)
         if isinstance(actions[key], argparse._ExtendAction):  # a collecting flag: each value its own argument
             items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
@@ -570,10 +635,19 @@ def parse_run_config(argv: list[str] | None = None, prog: str = DEFAULT_PROG) ->
     known, _ = pre.parse_known_args(argv)
     config_argv = []
     if known.config:
-        config_argv = _config_to_argv(parser, load_config_file(known.config), Path(known.config))
+        values = load_config_file(known.config)
+        # The images come from one source: one named on the command line replaces the file's other one.
+        for given, replaced in (("dataset_config", "instance_data_dir"), ("instance_data_dir", "dataset_config")):
+            if _on_command_line(argv if argv is not None else sys.argv[1:], given):
+                values.pop(replaced, None)
+        config_argv = _config_to_argv(parser, values, Path(known.config))
     namespace = parser.parse_args(config_argv + list(argv if argv is not None else sys.argv[1:]))
     config = RunConfig(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(RunConfig)})
     return _checked(config)
+
+
+def _on_command_line(argv: list[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
 
 
 def _require(config: RunConfig, name: str, why: str) -> None:
@@ -585,8 +659,11 @@ def _checked(config: RunConfig) -> RunConfig:
     _require(
         config, "pretrained_model_name_or_path", "a diffusers pipeline folder, hub id, or tiny:sd15 for a smoke run"
     )
-    _require(config, "instance_data_dir", "the folder with your subject's images")
-    _require(config, "instance_prompt", "the prompt naming your subject, e.g. 'a photo of sks dog'")
+    if config.dataset_config is None:
+        _require(config, "instance_data_dir", "the folder with your subject's images, or --dataset_config FILE.toml")
+        _require(config, "instance_prompt", "the prompt naming your subject, e.g. 'a photo of sks dog'")
+    config = _with_implied_flags(config)
+    _check_data_flags(config)
     for field in dataclasses.fields(RunConfig):
         value, check = getattr(config, field.name), field.metadata["check"]
         if value is None or check is None:
@@ -626,7 +703,7 @@ def _checked(config: RunConfig) -> RunConfig:
     if text_encoder_lr is None:  # Prodigy adapts one step size for all groups: diffusers' scripts give them one LR
         text_encoder_lr = learning_rate if optimizer == "prodigy" else 5e-6
     validation_prompts = tuple(config.validation_prompt or ())
-    if not validation_prompts and not config.validation_prompts_file:
+    if not validation_prompts and not config.validation_prompts_file and config.instance_prompt is not None:
         validation_prompts = (config.instance_prompt,)
     if optimizer == "prodigy":
         _check_one_prodigy_learning_rate(config, learning_rate, text_encoder_lr)
@@ -685,6 +762,53 @@ def _checked_optimizer(config: RunConfig) -> str:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise UsageError(f"--optimizer_args: expected key=value, got '{item}'")
     return optimizer
+
+
+def _with_implied_flags(config: RunConfig) -> RunConfig:
+    """kohya's implications: a disk cache is a cache (--cache_latents_to_disk sets --cache_latents, and so on)."""
+    return dataclasses.replace(
+        config,
+        cache_latents=config.cache_latents or config.cache_latents_to_disk,
+        cache_text_encoder_outputs=config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk,
+    )
+
+
+def _check_data_flags(config: RunConfig) -> None:
+    """Combinations of data flags that cannot work together, each refused in one line."""
+    if config.dataset_config is not None:
+        if config.instance_data_dir:
+            raise UsageError(
+                "--dataset_config and --instance_data_dir both name the training images; give one (a subset of "
+                "the dataset file for the folder)"
+            )
+        if config.with_prior_preservation:
+            raise UsageError(
+                "--with_prior_preservation generates class images for --instance_data_dir; with --dataset_config "
+                "add the class images as a subset with is_reg = true"
+            )
+        if config.mask_data_dir:
+            raise UsageError(
+                "--mask_data_dir is for --instance_data_dir; with --dataset_config set mask_dir per subset"
+            )
+    if not 0.0 <= config.caption_dropout_rate <= 1.0:
+        raise UsageError(f"--caption_dropout_rate must be in [0, 1], got {config.caption_dropout_rate}")
+    if config.min_bucket_reso > config.max_bucket_reso:
+        raise UsageError(
+            f"--min_bucket_reso {config.min_bucket_reso} is above --max_bucket_reso {config.max_bucket_reso}"
+        )
+    if config.cache_text_encoder_outputs:
+        if config.train_text_encoder:
+            raise UsageError(
+                "--cache_text_encoder_outputs encodes each caption once with frozen text encoders; it cannot go "
+                "with --train_text_encoder (drop one)"
+            )
+        if config.shuffle_caption:
+            raise UsageError(
+                "--cache_text_encoder_outputs encodes each caption once; --shuffle_caption makes a new caption at "
+                "every step (drop one)"
+            )
+    if config.masked_loss and config.dataset_config is None and not (config.alpha_mask or config.mask_data_dir):
+        raise UsageError("--masked_loss needs masks: add --alpha_mask (the images' alpha) or --mask_data_dir FOLDER")
 
 
 def _as_immutable(targets: str | list[str]) -> str | tuple[str, ...]:

@@ -1,229 +1,261 @@
-"""DreamBooth data: finding and reading images, PIL transforms, the dataset, its sampler and latent caching.
+"""The trainer's one data path, from the run's flags to batches: every run goes through here.
 
-No torchvision: images are resized, cropped and flipped with PIL and turned into tensors with numpy.
-Every random choice (shuffle order, crop, flip) comes from a generator keyed by (seed, epoch, index),
-never from global state, so a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
+    specs, records = read_training_images(config)          # before any model loads: bad data exits 2 at once
+    specs, records = with_class_images(specs, records, ...) # prior preservation: generated class images as reg
+    data = build_training_data(specs, records, ...)         # buckets, repeats, the sharded resumable sampler
+
+The flag route (``--instance_data_dir`` and friends) becomes one dataset spec
+(:func:`~moslora_diffusion.datasets.dataset.dataset_spec_from_folders`), a kohya file (``--dataset_config``)
+its own (:func:`~moslora_diffusion.datasets.kohya_config.load_dataset_config`, the flags filling in what the
+file leaves out, as kohya does); both are read, bucketed and batched alike. Without --enable_bucket every
+image goes to the one square bucket of --resolution (centre or random crop).
+
+Prior preservation follows kohya: class images are samples of their own (``is_reg``), repeated to match the
+training samples and mixed into the batches; each weighs ``--prior_loss_weight`` in the batch's mean loss.
+On the flag route the instance images are repeated so that an epoch shows every class image once, as in
+diffusers' scripts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import random
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader
+
+from ..datasets.buckets import BucketError, BucketOptions, check_bucket_sides
+from ..datasets.cache import TensorCache, latent_cache_key, weights_fingerprint
+from ..datasets.captions import CaptionError, CaptionOptions, process_caption
+from ..datasets.dataset import (
+    BucketedImageDataset,
+    ImageRecord,
+    bucket_groups,
+    collate_bucketed,
+    dataset_spec_from_folders,
+    expand_repeats,
+    read_datasets,
+    select_buckets,
+)
+from ..datasets.images import ImageReadError
+from ..datasets.kohya_config import DatasetConfigError, DatasetSpec, load_dataset_config
+from ..datasets.masks import MaskError
+from ..datasets.sampler import BucketBatchSampler, BucketGroup, format_bucket_table
+from .config import RunConfig, UsageError
 
 logger = logging.getLogger(__name__)
 
-_LISTED_NAMES = 5  # how many file names an error message shows
+# Every error of the data layer is one line for the user (exit status 2).
+DATA_ERRORS = (ImageReadError, CaptionError, DatasetConfigError, BucketError, MaskError)
 
 
-class ImageFolderError(ValueError):
-    """A data folder that cannot be trained on; the message names the flag and the folder."""
+def cache_root() -> Path:
+    """Where disk caches live: $MOSLORA_CACHE_DIR, else $XDG_CACHE_HOME/moslora, else ~/.cache/moslora.
+
+    Keys are hashes of everything that determines an entry, so runs with other outputs share it safely."""
+    if os.environ.get("MOSLORA_CACHE_DIR"):
+        return Path(os.environ["MOSLORA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moslora"
 
 
-def _names(paths: Sequence[Path]) -> str:
-    shown = ", ".join(p.name for p in paths[:_LISTED_NAMES])
-    return shown + (", ..." if len(paths) > _LISTED_NAMES else "")
+def bucket_options(config: RunConfig) -> BucketOptions:
+    return BucketOptions(
+        enable_bucket=config.enable_bucket,
+        min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso,
+        bucket_reso_steps=config.bucket_reso_steps,
+        bucket_no_upscale=config.bucket_no_upscale,
+    )
 
 
-def image_files(folder: str | Path, flag: str) -> list[Path]:
-    """The readable images in ``folder`` (sorted by name); unreadable files are skipped with one warning.
+def dataset_specs(config: RunConfig) -> tuple[DatasetSpec, ...]:
+    """The run's datasets: the kohya file, or one built from the flags (resolution None: the base's default)."""
+    if config.dataset_config is not None:
+        fallbacks = {
+            "resolution": config.resolution,
+            "batch_size": config.train_batch_size,
+            "caption_extension": config.caption_extension,
+            "shuffle_caption": config.shuffle_caption,
+            "keep_tokens": config.keep_tokens,
+            "caption_dropout_rate": config.caption_dropout_rate,
+            "flip_aug": config.random_flip,
+            "alpha_mask": config.alpha_mask,
+            **dataclasses.asdict(bucket_options(config)),
+        }
+        return load_dataset_config(config.dataset_config, fallbacks)
+    spec = dataset_spec_from_folders(
+        config.instance_data_dir,
+        resolution=config.resolution,
+        instance_prompt=config.instance_prompt,
+        batch_size=config.train_batch_size,
+        buckets=bucket_options(config),
+        caption_extension=config.caption_extension or ".txt",
+        caption=CaptionOptions(
+            shuffle_caption=config.shuffle_caption,
+            keep_tokens=config.keep_tokens,
+            caption_dropout_rate=config.caption_dropout_rate,
+        ),
+        random_flip=config.random_flip,
+        random_crop=not config.center_crop,
+        alpha_mask=config.alpha_mask,
+        mask_data_dir=config.mask_data_dir,
+    )
+    return (spec,)
 
-    Raises :class:`ImageFolderError` for a missing or empty folder, or one with no readable image.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise ImageFolderError(f"{flag} '{folder}' does not exist")
-    if not folder.is_dir():
-        raise ImageFolderError(f"{flag} '{folder}' is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise ImageFolderError(f"{flag} '{folder}' is empty: put the training images there")
-    readable, skipped = [], []
-    for path in files:
-        (readable if _is_readable_image(path) else skipped).append(path)
-    if not readable:
-        raise ImageFolderError(f"{flag} '{folder}' holds no readable images (found {len(files)} files: {_names(files)})")
-    if skipped:
-        logger.warning("Skipping %d unreadable file(s) in %s '%s': %s", len(skipped), flag, folder, _names(skipped))
-    return readable
 
+def read_training_images(config: RunConfig, family) -> tuple[tuple[DatasetSpec, ...], list[ImageRecord]]:
+    """The run's dataset specs and image records (captions, sizes, masks), checked against ``family``.
 
-def _is_readable_image(path: Path) -> bool:
+    Raises :class:`UsageError` (one line) for every data problem that can be found without the models."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes fully: catches truncated files that Image.open alone accepts
-        return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
+        specs = dataset_specs(config)
+        for spec in specs:
+            if spec.resolution is not None or spec.buckets.enable_bucket:
+                check_bucket_sides(spec.resolution, spec.buckets, family.resolution_multiple, family.name)
+        records = read_datasets(specs, config.caption_column)
+    except DATA_ERRORS as err:
+        raise UsageError(str(err)) from None
+    subsets = [subset for spec in specs for subset in spec.subsets]
+    if config.cache_text_encoder_outputs and any(subset.caption.shuffle_caption for subset in subsets):
+        raise UsageError(
+            "--cache_text_encoder_outputs encodes each caption once; a subset of --dataset_config shuffles its "
+            "captions (shuffle_caption = true): drop one"
+        )
+    if config.masked_loss and not any(subset.alpha_mask or subset.mask_dir for subset in subsets):
+        raise UsageError(f"--masked_loss needs masks: no subset of {config.dataset_config} sets alpha_mask or mask_dir")
+    if not config.masked_loss and any(subset.alpha_mask or subset.mask_dir for subset in subsets):
+        logger.warning("Masks (alpha_mask, mask_dir, --mask_data_dir) are ignored without --masked_loss")
+    return specs, records
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """An image as 8-bit RGB, upright: EXIF rotation applied, transparency on white, 16-bit scaled down."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+def with_class_images(
+    specs: tuple[DatasetSpec, ...],
+    records: list[ImageRecord],
+    class_data_dir: str,
+    class_prompt: str,
+    num_class_images: int,
+    caption_column: str,
+) -> tuple[tuple[DatasetSpec, ...], list[ImageRecord]]:
+    """The flag route's dataset with --class_data_dir's first ``num_class_images`` images as reg samples.
+
+    The instance images are repeated ceil(class / instance) times: an epoch shows every class image once."""
+    (spec,) = specs
+    instance = spec.subsets[0]
+    class_subset = dataclasses.replace(
+        instance, image_dir=Path(class_data_dir), is_reg=True, class_tokens=class_prompt, alpha_mask=False,
+        mask_dir=None, caption=CaptionOptions(), source="--class_data_dir",
+    )  # fmt: skip
+    try:
+        class_records = read_datasets((dataclasses.replace(spec, subsets=(class_subset,)),), caption_column)
+    except DATA_ERRORS as err:
+        raise UsageError(str(err)) from None
+    class_records = class_records[:num_class_images]
+    repeats = max(1, math.ceil(len(class_records) / len(records)))
+    instance = dataclasses.replace(instance, num_repeats=repeats)
+    records = [dataclasses.replace(record, subset=instance) for record in records]
+    spec = dataclasses.replace(spec, subsets=(instance, class_subset))
+    return (spec,), records + class_records
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit (or 32-bit) greyscale: PIL's convert("L") clips instead of scaling.
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+def with_default_resolution(specs: tuple[DatasetSpec, ...], resolution: int) -> tuple[DatasetSpec, ...]:
+    """Specs whose resolution was left to the base get ``resolution`` (square)."""
+    return tuple(
+        spec if spec.resolution is not None else dataclasses.replace(spec, resolution=(resolution, resolution))
+        for spec in specs
+    )
+
+
+def possible_captions(records: Sequence[ImageRecord]) -> list[str] | None:
+    """Every caption training can use (the empty one too, with caption dropout), or None when captions are
+    shuffled (too many to list)."""
+    captions = set()
+    for record in records:
+        options = record.subset.caption
+        if options.shuffle_caption:
+            return None
+        captions.add(process_caption(record.caption, dataclasses.replace(options, caption_dropout_rate=0.0), None))
+        if options.caption_dropout_rate > 0:
+            captions.add("")
+    return sorted(captions)
 
 
 @dataclass
-class TransformedImage:
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
-    original_size: tuple[int, int]  # (h, w) before resizing: SDXL micro-conditioning
-    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
-
-
-def transform_image(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> TransformedImage:
-    """Resize the short side to ``resolution``, optionally flip, crop a square (centre or random)."""
-    original_size = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, resample=Image.Resampling.BILINEAR, reducing_gap=None)
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if center_crop:
-        top = int(round((image.height - resolution) / 2.0))
-        left = int(round((image.width - resolution) / 2.0))
-    else:
-        top = rng.randint(0, image.height - resolution)
-        left = rng.randint(0, image.width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return TransformedImage(pixels, original_size, (top, left))
-
-
-class DreamBoothDataset(Dataset):
-    """Instance images (and class images for prior preservation), one pair per item.
-
-    Item ``i`` holds instance image ``i % n_instance`` and, with class images, class image ``i % n_class``;
-    the length is the larger count, as in diffusers' DreamBooth scripts. After :meth:`cache_latents`, items
-    carry the VAE posterior's parameters instead of pixels, and a fresh latent is sampled at every step.
-    """
-
-    def __init__(
-        self,
-        instance_images: Sequence[Path],
-        class_images: Sequence[Path] = (),
-        *,
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        seed: int = 0,
-    ):
-        self.images = {"instance": list(instance_images), "class": list(class_images)}
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        self.epoch = 0
-        self.latent_cache: dict[str, list[dict]] | None = None
+class TrainingData:
+    dataset: BucketedImageDataset
+    sampler: BucketBatchSampler
+    loader: DataLoader
+    groups: list[BucketGroup]
 
     @property
-    def with_class_images(self) -> bool:
-        return bool(self.images["class"])
+    def num_samples(self) -> int:
+        return len(self.dataset)
 
-    def __len__(self) -> int:
-        return max(len(self.images["instance"]), len(self.images["class"]))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentations are keyed by epoch; call before iterating each epoch."""
-        self.epoch = epoch
-
-    def _example(self, kind: str, index: int, epoch: int) -> dict:
-        images = self.images[kind]
-        image_index = index % len(images)
-        if self.latent_cache is not None:
-            return self.latent_cache[kind][image_index]
-        rng = random.Random(f"{self.seed}/{epoch}/{kind}/{index}")
-        flip = self.random_flip and rng.random() < 0.5
-        transformed = transform_image(load_rgb(images[image_index]), self.resolution, self.center_crop, flip, rng)
-        return {
-            "pixel_values": transformed.pixels,
-            "original_size": transformed.original_size,
-            "crop_top_left": transformed.crop_top_left,
-        }
-
-    def __getitem__(self, index: int) -> dict:
-        item = {"instance": self._example("instance", index, self.epoch)}
-        if self.with_class_images:
-            item["class"] = self._example("class", index, self.epoch)
-        return item
-
-    @torch.no_grad()
-    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], progress: Callable = lambda it, **kw: it) -> None:
-        """Encode every image once (with epoch-0 augmentations) and keep ``encode``'s output per image.
-
-        ``encode`` maps a (1, 3, H, W) pixel batch to the VAE posterior's parameters (mean and log-variance
-        stacked, diffusers' ``latent_dist.parameters``), so that sampling still happens per step.
-        """
-        cache: dict[str, list[dict]] = {}
-        todo = [(kind, i) for kind, paths in self.images.items() for i in range(len(paths))]
-        for kind in self.images:
-            cache[kind] = [None] * len(self.images[kind])
-        for kind, i in progress(todo, desc="Caching latents"):
-            example = self._example(kind, i, epoch=0)
-            parameters = encode(example["pixel_values"][None])[0].cpu()
-            cache[kind][i] = {"latent_parameters": parameters, "original_size": example["original_size"], "crop_top_left": example["crop_top_left"]}
-        self.latent_cache = cache
+    def bucket_table(self) -> str:
+        return format_bucket_table(self.groups, self.sampler.num_replicas)
 
 
-def collate_dreambooth(items: list[dict], resolution: int) -> dict:
-    """One batch: instance examples first, then class examples; ``num_instance`` says where they split."""
-    examples = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
-    key = "latent_parameters" if "latent_parameters" in examples[0] else "pixel_values"
-    return {
-        key: torch.stack([e[key] for e in examples]),
-        "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.float32),
-        "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.float32),
-        "target_sizes": torch.tensor([(resolution, resolution)] * len(examples), dtype=torch.float32),
-        "num_instance": len(items),
-    }
+def build_training_data(
+    specs: tuple[DatasetSpec, ...],
+    records: list[ImageRecord],
+    *,
+    seed: int,
+    num_replicas: int,
+    rank: int,
+    masked_loss: bool,
+    vae_scale_factor: int,
+    fixed_crops: bool,
+    num_workers: int,
+) -> TrainingData:
+    """Buckets, kohya's repeats, the dataset and its sampler (sharded by rank, resumable with set_epoch)."""
+    try:
+        records = select_buckets(records, specs)
+    except BucketError as err:
+        raise UsageError(str(err)) from None
+    samples = expand_repeats(records)
+    groups = bucket_groups(records, samples, specs)
+    dataset = BucketedImageDataset(
+        records, samples, seed=seed, masked_loss=masked_loss, vae_scale_factor=vae_scale_factor,
+        fixed_crops=fixed_crops,
+    )  # fmt: skip
+    sampler = BucketBatchSampler(groups, seed=seed, num_replicas=num_replicas, rank=rank)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_bucketed,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds from here, not from the global RNG
+    )
+    return TrainingData(dataset, sampler, loader, groups)
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches for one process, reproducible from (seed, epoch), resumable mid-epoch.
+@torch.no_grad()
+def cache_latents(
+    dataset: BucketedImageDataset,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    vae: torch.nn.Module,
+    folder: Path | None,
+    progress: Callable = lambda items, **kwargs: items,
+) -> TensorCache:
+    """Encode every (image, flip) placement once and hand the dataset the VAE posteriors (``encode``'s output).
 
-    Every epoch is a permutation of the dataset drawn from ``seed + epoch``, padded by wrapping around so
-    that each of ``num_replicas`` processes gets the same number of full batches; process ``rank`` takes
-    its slice of every global batch. :meth:`set_epoch` chooses the epoch and how many batches to skip.
-    """
+    With ``folder``, entries are read from and written to the disk cache there, keyed by the image's bytes,
+    the VAE's weights and dtype, and the placement; a later run encodes only what changed."""
+    cache = TensorCache(folder, "latent")
+    fingerprint = weights_fingerprint(vae) if folder is not None else ""
+    dtype = str(next(vae.parameters()).dtype)
+    latents = {}
+    for record_index, placement in progress(dataset.cached_placements(), desc="Caching latents"):
+        record = dataset.records[record_index]
 
-    def __init__(self, dataset_size: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.skip_batches = 0, 0
+        def compute(record=record, placement=placement):
+            return {"latent_parameters": encode(dataset.pixels(record, placement)[0][None])[0]}
 
-    def __len__(self) -> int:
-        """Batches per epoch for this process (before skipping)."""
-        return math.ceil(self.dataset_size / (self.batch_size * self.num_replicas))
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        global_batch = self.batch_size * self.num_replicas
-        total = len(self) * global_batch
-        order = (order * math.ceil(total / len(order)))[:total]
-        for b in range(self.skip_batches, len(self)):
-            start = b * global_batch + self.rank * self.batch_size
-            yield order[start : start + self.batch_size]
+        entry = cache.get_or_compute(latent_cache_key(record.path, fingerprint, placement, extra=dtype), compute)
+        latents[(record_index, placement.flip)] = entry["latent_parameters"].cpu()
+    dataset.latents = latents
+    return cache

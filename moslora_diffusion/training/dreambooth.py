@@ -28,11 +28,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import MoSLoRAConfig
 from ..formats import write_adapter_files
+from ..datasets.cache import TensorCache
 from .adapters import (
     ADAPTER_NAME,
     adapter_param_groups,
@@ -41,7 +41,7 @@ from .adapters import (
     place_frozen_components,
     weight_dtype_for,
 )
-from .batches import PromptConditioning, batch_loss, vae_posterior_parameters
+from .batches import PromptConditioning, batch_loss, text_encoders_fingerprint, vae_posterior_parameters
 from .checkpoints import (
     check_rng_state_readable,
     latest_checkpoint,
@@ -51,11 +51,19 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import RunConfig, UsageError
-from .data import DreamBoothDataset, EpochBatchSampler, collate_dreambooth, image_files
+from .data import (
+    build_training_data,
+    cache_latents,
+    cache_root,
+    possible_captions,
+    with_class_images,
+    with_default_resolution,
+)
 from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .ema import AdapterEMA, register_ema_checkpoint_hooks
 from .init_lora import add_init_lora
 from .model_card import ModelCard
+from .offload import OffloadedComponents
 from .objectives import make_objective
 from .optimizers import SCHEDULE_FREE, evaluation_weights, make_optimizer, parse_optimizer_args
 from .processes import (
@@ -166,7 +174,7 @@ def _train(
         precondition_outputs=config.precondition_outputs,
     )
 
-    class_images = []
+    specs, records = with_default_resolution(inputs.dataset_specs, resolution), list(inputs.images)
     if config.with_prior_preservation:
         made = generate_class_images(
             accelerator,
@@ -179,10 +187,13 @@ def _train(
             call_kwargs=call_kwargs,
             autocast=accelerator.autocast,
         )
-        class_images = image_files(config.class_data_dir, "--class_data_dir")[: config.num_class_images]
-        logger.info(
-            "Prior preservation: %d class images in %s (%d generated)", len(class_images), config.class_data_dir, made
+        specs, records = with_class_images(
+            specs, records, config.class_data_dir, config.class_prompt, config.num_class_images, config.caption_column
         )
+        logger.info(
+            "Prior preservation: %d class images in %s (%d generated)",
+            sum(record.subset.is_reg for record in records), config.class_data_dir, made,
+        )  # fmt: skip
 
     try:
         text_encoder_config = (
@@ -211,33 +222,30 @@ def _train(
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(trained, family)
 
-    dataset = DreamBoothDataset(
-        inputs.instance_images,
-        class_images,
-        resolution=resolution,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        seed=seed,
-    )
-    if config.cache_latents:
-        dataset.cache_latents(
-            functools.partial(vae_posterior_parameters, components["vae"], family=family),
-            progress=_progress(accelerator),
-        )
-    sampler = EpochBatchSampler(
-        len(dataset),
-        config.train_batch_size,
+    data = build_training_data(
+        specs,
+        records,
         seed=seed,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
-    )
-    dataloader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
+        masked_loss=config.masked_loss,
+        vae_scale_factor=2 ** (len(components["vae"].config.block_out_channels) - 1),
+        fixed_crops=config.cache_latents,
         num_workers=config.dataloader_num_workers,
-        collate_fn=functools.partial(collate_dreambooth, resolution=resolution),
-        generator=torch.Generator().manual_seed(seed),  # worker seeds from here, not from the global RNG
     )
+    dataset, sampler, dataloader = data.dataset, data.sampler, data.loader
+    logger.info("Buckets:\n%s", data.bucket_table())
+    offloaded = OffloadedComponents(components, [], accelerator.device)
+    if config.cache_latents:
+        latent_cache = cache_latents(
+            dataset,
+            functools.partial(vae_posterior_parameters, components["vae"], family=family),
+            components["vae"],
+            cache_root() / "latents" if config.cache_latents_to_disk else None,
+            progress=_progress(accelerator),
+        )
+        logger.info("Latents: %d encoded, %d from the cache", latent_cache.computed, latent_cache.hits)
+        offloaded.names.append("vae")
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(sampler) / accumulation)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -291,14 +299,19 @@ def _train(
     }
     text_components[family.denoiser] = components[family.denoiser]  # SD3 without T5 reads its width
     conditioning = PromptConditioning(
-        family,
-        config.instance_prompt,
-        config.class_prompt if class_images else None,
-        max_sequence_length,
-        text_components,
+        family, max_sequence_length, text_components, accelerator.device, trained=config.train_text_encoder
     )
-    if not config.train_text_encoder:
-        conditioning.cache()
+    captions = possible_captions(dataset.records)
+    if not config.train_text_encoder and captions is not None:
+        store, fingerprint = None, ""
+        if config.cache_text_encoder_outputs_to_disk:
+            fingerprint = text_encoders_fingerprint(family, text_components, max_sequence_length)
+            store = TensorCache(cache_root() / "text_encoder", "text encoder")
+        store = conditioning.cache(captions, store, fingerprint, progress=_progress(accelerator))
+        logger.info("Captions: %d encoded, %d from the cache", store.computed, store.hits)
+        if config.cache_text_encoder_outputs:
+            offloaded.names += [name for name in text_components if name.startswith("text_encoder")]
+    offloaded.offload()
 
     global_step = 0
     if inputs.resume_checkpoint is not None:
@@ -364,6 +377,7 @@ def _train(
             )
         return rows
 
+    validate = offloaded.around(validate)  # the pipeline needs every component on the accelerator
     if interrupts.requested:
         raise TrainingStopped("interrupted before the first step; nothing to save", interrupts.exit_code)
     if accelerator.is_main_process and config.validation_at_start and global_step == 0:
@@ -740,7 +754,7 @@ def _model_card(
     return ModelCard(
         base_model=config.pretrained_model_name_or_path,
         family=inputs.base.family,
-        instance_prompt=config.instance_prompt,
+        instance_prompt=config.instance_prompt or config.validation_prompt[0],
         validation_prompts=config.validation_prompt,
         adapter_settings=adapter_settings,
         training_settings={k: v for k, v in training_settings.items() if v is not None},

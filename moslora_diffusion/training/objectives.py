@@ -11,6 +11,9 @@ Flow matching (SD3, Flux; rectified flow):
     x_s = (1 - s) x_0 + s eps                       target: eps - x_0   (x_0 with preconditioned outputs)
     s drawn by diffusers' density (``--weighting_scheme``), w = compute_loss_weighting_for_sd3(s)
 
+With ``loss_weights`` (masked loss: (B, 1, h, w) in [0, 1], in the unpacked latent layout) the squared error
+is weighted per latent pixel before the mean (kohya's masked loss).
+
 All randomness comes from torch's global generator, which accelerate checkpoints and restores.
 """
 
@@ -42,8 +45,12 @@ def _gaussian_like(latents: torch.Tensor) -> torch.Tensor:
     return torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
 
 
-def _per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _per_sample_mse(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     error = (prediction.float() - target.float()) ** 2
+    if loss_weights is not None:
+        error = error * loss_weights.to(error.device, torch.float32)
     return error.mean(dim=tuple(range(1, error.dim()))) * weights
 
 
@@ -80,8 +87,10 @@ class NoisePrediction:
             weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
         return NoisyLatents(noisy, timesteps, target, weights.float())
 
-    def loss_per_sample(self, prediction: torch.Tensor, noisy: NoisyLatents) -> torch.Tensor:
-        return _per_sample_mse(prediction, noisy.target, noisy.weights)
+    def loss_per_sample(
+        self, prediction: torch.Tensor, noisy: NoisyLatents, loss_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return _per_sample_mse(prediction, noisy.target, noisy.weights, loss_weights)
 
 
 class FlowMatching:
@@ -121,12 +130,16 @@ class FlowMatching:
         weights = torch.ones(latents.shape[0], device=latents.device)
         return NoisyLatents(noisy, timesteps, target, weights, sigmas)
 
-    def loss_per_sample(self, prediction: torch.Tensor, noisy: NoisyLatents) -> torch.Tensor:
+    def loss_per_sample(
+        self, prediction: torch.Tensor, noisy: NoisyLatents, loss_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.precondition_outputs:
             # Section 5 of the SD3 paper: x_0 estimate from the velocity, x_0 = x_s - s v.
             prediction = prediction * (-noisy.sigmas) + noisy.model_input
         weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, noisy.sigmas.float())
         error = weighting * (prediction.float() - noisy.target.float()) ** 2
+        if loss_weights is not None:
+            error = error * loss_weights.to(error.device, torch.float32)
         return error.mean(dim=tuple(range(1, error.dim()))) * noisy.weights
 
 
@@ -156,8 +169,12 @@ def make_objective(
     )
 
 
-def combine_instance_and_prior_losses(per_sample: torch.Tensor, num_instance: int, prior_loss_weight: float) -> torch.Tensor:
-    """DreamBooth's loss: mean over the instance half plus ``prior_loss_weight`` times the class half's mean."""
-    if num_instance == per_sample.shape[0]:
+def combine_instance_and_prior_losses(
+    per_sample: torch.Tensor, is_reg: torch.Tensor, prior_loss_weight: float
+) -> torch.Tensor:
+    """The batch's loss, kohya's way: the mean over its samples, each prior-preservation (``is_reg``) sample's
+    loss weighted by ``prior_loss_weight``: mean_i(w_i l_i), w_i = prior_loss_weight if reg else 1."""
+    if not bool(is_reg.any()):
         return per_sample.mean()
-    return per_sample[:num_instance].mean() + prior_loss_weight * per_sample[num_instance:].mean()
+    weights = torch.where(is_reg.to(per_sample.device), prior_loss_weight, 1.0).to(per_sample.dtype)
+    return (per_sample * weights).mean()

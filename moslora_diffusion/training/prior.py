@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..datasets.images import ImageReadError, usable_images
 from ..fileio import atomic_path
-from .data import ImageFolderError, image_files
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 def existing_class_images(class_data_dir: str | Path) -> list[Path]:
     """The readable images already in ``class_data_dir`` (none if it is missing or empty)."""
     try:
-        return image_files(class_data_dir, "--class_data_dir")
-    except ImageFolderError:
+        return usable_images(class_data_dir, "--class_data_dir")
+    except ImageReadError:
         return []
 
 

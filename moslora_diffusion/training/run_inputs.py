@@ -20,7 +20,7 @@ from pathlib import Path
 from .base_model import BaseModel, resolve_base_model
 from .checkpoints import read_training_state, resolve_resume_checkpoint
 from .config import DEFAULT_PROG, RunConfig, UsageError, is_hub_id, parse_run_config
-from .data import ImageFolderError, image_files
+from .data import read_training_images
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
 from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
 from .validation import read_prompts_file
@@ -35,10 +35,16 @@ class RunInputs:
     """What the run's paths and names resolved to."""
 
     base: BaseModel  # the base pipeline's source and family (weights not loaded yet)
-    instance_images: tuple[Path, ...]  # the readable images of --instance_data_dir, sorted by name
+    dataset_specs: tuple  # DatasetSpec per dataset: the flags' one, or --dataset_config's
+    images: tuple  # ImageRecord per readable training image (captions, sizes, masks); buckets not chosen yet
     resume_checkpoint: Path | None  # the checkpoint-<step> folder --resume_from_checkpoint names
     init_lora: InitLoRA | None = None  # the LoRA --init_lora names, read and checked against the family
     quantization: BaseQuantization | None = None  # --quantize_base, its backend resolved and installed
+
+    @property
+    def instance_images(self) -> tuple[Path, ...]:
+        """The training (not prior-preservation) images, in dataset order."""
+        return tuple(record.path for record in self.images if not record.subset.is_reg)
 
 
 def parse_run(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> tuple[RunConfig, RunInputs]:
@@ -68,8 +74,7 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         base = resolve_base_model(
             config.pretrained_model_name_or_path, revision=config.revision, base_config=config.base_config
         )
-        instance_images = tuple(image_files(config.instance_data_dir, "--instance_data_dir"))
-    except (ValueError, ImageFolderError) as err:
+    except ValueError as err:
         raise UsageError(str(err)) from None
     vae = config.pretrained_vae_model_name_or_path
     if vae and not (Path(vae).is_dir() or is_hub_id(vae)):
@@ -87,6 +92,7 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         raise UsageError(
             f"--resolution {config.resolution} must be a multiple of {family.resolution_multiple} for {family.name}"
         )
+    specs, images = read_training_images(config, family)
     if config.with_prior_preservation:
         if Path(config.class_data_dir).exists() and not Path(config.class_data_dir).is_dir():
             raise UsageError(f"--class_data_dir '{config.class_data_dir}' is not a folder")
@@ -127,8 +133,18 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
     if seed is None:
         # Each process draws one; the recipe keeps the main process's (and checkpoints record it).
         seed = secrets.randbelow(2**31)
+    if not validation_prompts:  # no --instance_prompt with --dataset_config: the first concept's words
+        validation_prompts = (_first_training_caption(images),)
     config = dataclasses.replace(config, seed=seed, report_to=report_to, validation_prompt=validation_prompts)
-    return config, RunInputs(base, instance_images, resume_checkpoint, init_lora=init_lora, quantization=quantization)
+    return config, RunInputs(
+        base, specs, tuple(images), resume_checkpoint, init_lora=init_lora, quantization=quantization
+    )
+
+
+def _first_training_caption(images) -> str:
+    """--validation_prompt's default with --dataset_config: the first concept's class_tokens, else a caption."""
+    training = [record for record in images if not record.subset.is_reg]
+    return next((r.subset.class_tokens for r in training if r.subset.class_tokens), training[0].caption)
 
 
 def _with_init_lora_rank_and_alpha(config: RunConfig, init_lora: InitLoRA) -> RunConfig:
