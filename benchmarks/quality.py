@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; use --threads 1 --jobs 2 on 2 cores)")
     p.add_argument("--captions", action="store_true",
-                   help="train on the subject's caption files (<stem>.txt); default: the one instance prompt for all")
+                   help="train on the subject's caption files (<stem>.caption); default: the one instance prompt for all")
     p.add_argument("--quick", action="store_true", help="one seed, 4 steps, 2 images per prompt (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -175,7 +175,7 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         "--instance_data_dir", args.subject,
         "--instance_prompt", world.subject_prompt(),
         # Without --captions no caption file matches: every image trains on the instance prompt.
-        "--caption_extension", ".txt" if args.captions else ".no-caption",
+        "--caption_extension", ".caption" if args.captions else ".no-caption",
         "--with_prior_preservation",
         "--class_prompt", world.caption(None, None, None),
         "--class_data_dir", str(class_dir),

@@ -229,6 +229,11 @@ class Family:
         return (sample - shift) * vae_config.scaling_factor
 
     @classmethod
+    def vae_scale_factor(cls, vae) -> int:
+        """Pixels per latent pixel of ``vae``, as the family's pipeline computes its ``vae_scale_factor``."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
     def latents_from_vae(cls, vae, sample: torch.Tensor) -> torch.Tensor:
         """The denoiser's latents from a posterior sample of ``vae``: :meth:`latents_from_vae_sample` of its config
         (Flux.2 overrides this: its normalisation statistics are VAE buffers, not config values)."""
@@ -648,6 +653,10 @@ class QwenImage(Family):
     @classmethod
     def vae_input(cls, pixels):
         return pixels.unsqueeze(2)  # a video VAE: one frame
+
+    @classmethod
+    def vae_scale_factor(cls, vae) -> int:
+        return 2 ** len(vae.temperal_downsample)  # a video VAE: diffusers' QwenImagePipeline reads it so
 
     @classmethod
     def latents_from_vae_sample(cls, vae_config, sample):

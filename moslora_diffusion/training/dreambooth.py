@@ -229,7 +229,7 @@ def _train(
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         masked_loss=config.masked_loss,
-        vae_scale_factor=2 ** (len(components["vae"].config.block_out_channels) - 1),
+        vae_scale_factor=family.vae_scale_factor(components["vae"]),
         fixed_crops=config.cache_latents,
         num_workers=config.dataloader_num_workers,
     )
