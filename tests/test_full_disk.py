@@ -167,3 +167,23 @@ def test_merge_onto_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, tr
             assert not output.exists(), f"merge left {output}"
             assert not _leftovers(disk), _leftovers(disk)
         assert shutil.disk_usage(disk).used < PAGE * 4, "merge left files behind on the full disk"
+
+
+def test_disk_caches_on_a_real_full_disk_warn_and_train_on(tmp_path, monkeypatch, caplog):
+    """A cache is an optimisation: entries that do not fit are a warning naming them, never half-written,
+    and the run trains exactly as with in-memory caches."""
+    reference = tmp_path / "reference"
+    assert run_main(_train_argv(reference, "--checkpointing_steps", "1000", "--cache_latents", "--cache_text_encoder_outputs")) == 0
+    with small_disk(tmp_path / "cache", 3 * PAGE) as cache:
+        monkeypatch.setenv("MOSLORA_CACHE_DIR", str(cache))
+        out = tmp_path / "out"
+        argv = _train_argv(out, "--checkpointing_steps", "1000", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+        with caplog.at_level("WARNING"):
+            assert run_main(argv) == 0
+        assert any("cache entry" in r.getMessage() and "No space left on device" in r.getMessage() for r in caplog.records)
+        assert not _leftovers(cache), _leftovers(cache)
+        for entry in cache.rglob("*.safetensors"):
+            assert load_safetensors(entry)[0]  # whatever was written is whole
+    got, _ = load_safetensors(out / "moslora_weights.safetensors")
+    expected, _ = load_safetensors(reference / "moslora_weights.safetensors")
+    assert got.keys() == expected.keys() and all(bool((got[k] == expected[k]).all()) for k in got)
