@@ -102,11 +102,15 @@ def check_outputs(methods: list[Method], tolerance: float) -> dict[str, float]:
     outputs = {name: out.float() for name, out in outputs.items()}
     reference = outputs["moslora"]
     scale = reference.abs().max().item()
-    errors = {name: (outputs[name] - reference).abs().max().item() / scale for name in ("moslora_fused", "moslora_merged")}
+    errors = {
+        name: (outputs[name] - reference).abs().max().item() / scale for name in ("moslora_fused", "moslora_merged")
+    }
     for name, err in errors.items():
         if err > tolerance:
             # Half precision rounds the fused weights: worth seeing in the table, not worth losing the run.
-            message = f"{name} differs from unmerged MoSLoRA by {err:.2e} of the output scale (tolerance {tolerance:.0e})"
+            message = (
+                f"{name} differs from unmerged MoSLoRA by {err:.2e} of the output scale (tolerance {tolerance:.0e})"
+            )
             if reference_dtype == torch.float32:
                 raise AssertionError(message)
             print(f"warning: {message}", file=sys.stderr)
@@ -142,13 +146,38 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write raw times here")
     args = parser.parse_args(argv)
     spec = MODELS[args.model]
-    setup = Setup(args.model, args.depth, args.transformer_depth or spec.transformer_depth, args.batch,
-                  args.resolution, args.device, args.dtype)
+    setup = Setup(
+        args.model,
+        args.depth,
+        args.transformer_depth or spec.transformer_depth,
+        args.batch,
+        args.resolution,
+        args.device,
+        args.dtype,
+    )
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setup.describe()}; one forward "
-          f"(eval, no_grad) per call; {args.rounds} interleaved rounds; adapted: {', '.join(spec.targets)}\n", flush=True)
-    print(markdown_header(["r", "method", "forward min (s)", "median (s)", "max (s)", "x PEFT LoRA", "x base",
-                           "CPU time x PEFT LoRA", "CPU time x base", "max diff. / output scale"]), flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setup.describe()}; one forward "
+        f"(eval, no_grad) per call; {args.rounds} interleaved rounds; adapted: {', '.join(spec.targets)}\n",
+        flush=True,
+    )
+    print(
+        markdown_header(
+            [
+                "r",
+                "method",
+                "forward min (s)",
+                "median (s)",
+                "max (s)",
+                "x PEFT LoRA",
+                "x base",
+                "CPU time x PEFT LoRA",
+                "CPU time x base",
+                "max diff. / output scale",
+            ]
+        ),
+        flush=True,
+    )
     raw = []
     for rank in args.ranks:
         model, methods = inference_methods(setup, rank)
@@ -158,18 +187,41 @@ def main(argv=None) -> None:
         cpu_to_lora, cpu_to_base = summarize(cpu_times, "peft_lora"), summarize(cpu_times, "base")
         for name in METHODS:
             s = to_lora[name]
-            print(markdown_row([str(rank), name, f"{s['min']:.3f}", f"{s['median']:.3f}", f"{s['max']:.3f}",
-                                f"{s['ratio']:.3f}", f"{to_base[name]['ratio']:.3f}",
-                                f"{cpu_to_lora[name]['ratio']:.3f}", f"{cpu_to_base[name]['ratio']:.3f}",
-                                f"{errors[name]:.1e}" if name in errors else ""]), flush=True)
+            print(
+                markdown_row(
+                    [
+                        str(rank),
+                        name,
+                        f"{s['min']:.3f}",
+                        f"{s['median']:.3f}",
+                        f"{s['max']:.3f}",
+                        f"{s['ratio']:.3f}",
+                        f"{to_base[name]['ratio']:.3f}",
+                        f"{cpu_to_lora[name]['ratio']:.3f}",
+                        f"{cpu_to_base[name]['ratio']:.3f}",
+                        f"{errors[name]:.1e}" if name in errors else "",
+                    ]
+                ),
+                flush=True,
+            )
         if args.profile:
             profile_methods(methods)
         raw.append({"rank": rank, "times": times, "cpu_times": cpu_times, "errors": errors})
         del model, methods
         if args.json:  # after every rank, so that an interrupted run keeps what it measured
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"argv": sys.argv[1:], "setup": setup.__dict__, "torch": torch.__version__,
-                                             "threads": torch.get_num_threads(), "runs": raw}, indent=1))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "argv": sys.argv[1:],
+                        "setup": setup.__dict__,
+                        "torch": torch.__version__,
+                        "threads": torch.get_num_threads(),
+                        "runs": raw,
+                    },
+                    indent=1,
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -75,10 +75,25 @@ def main(argv=None) -> None:
             for _ in range(args.steps):
                 model(x)
 
-    print(f"torch {torch.__version__}, 1 thread; {args.layers} linears {args.width} -> {args.width}, {args.tokens} "
-          f"tokens, r={args.rank}; {args.rounds} interleaved rounds of {args.steps} steps\n")
-    print(markdown_header(["step", "method", "us per layer (median)", "min", "max", "x PEFT LoRA", "extra us per layer",
-                           "CPU time x PEFT LoRA", "min x PEFT LoRA's min"]))
+    print(
+        f"torch {torch.__version__}, 1 thread; {args.layers} linears {args.width} -> {args.width}, {args.tokens} "
+        f"tokens, r={args.rank}; {args.rounds} interleaved rounds of {args.steps} steps\n"
+    )
+    print(
+        markdown_header(
+            [
+                "step",
+                "method",
+                "us per layer (median)",
+                "min",
+                "max",
+                "x PEFT LoRA",
+                "extra us per layer",
+                "CPU time x PEFT LoRA",
+                "min x PEFT LoRA's min",
+            ]
+        )
+    )
     for label, run in (("forward + backward", training_steps), ("no_grad forward", inference_steps)):
         methods = [Method(m, run, lambda m=m: set_adapter(m)) for m in METHODS]
         wall, cpu = time_interleaved(methods, args.rounds, warmup=2)
@@ -86,9 +101,22 @@ def main(argv=None) -> None:
         stats, cpu_stats = summarize(per_layer, "peft_lora"), summarize(cpu, "peft_lora")
         for m in METHODS:
             s = stats[m]
-            print(markdown_row([label, m, f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", f"{s['ratio']:.3f}",
-                                f"{s['median'] - stats['peft_lora']['median']:+.1f}", f"{cpu_stats[m]['ratio']:.3f}",
-                                f"{s['min'] / stats['peft_lora']['min']:.3f}"]), flush=True)
+            print(
+                markdown_row(
+                    [
+                        label,
+                        m,
+                        f"{s['median']:.1f}",
+                        f"{s['min']:.1f}",
+                        f"{s['max']:.1f}",
+                        f"{s['ratio']:.3f}",
+                        f"{s['median'] - stats['peft_lora']['median']:+.1f}",
+                        f"{cpu_stats[m]['ratio']:.3f}",
+                        f"{s['min'] / stats['peft_lora']['min']:.3f}",
+                    ]
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def build(workdir: Path, dtype_name: str, rank: int) -> tuple[Path, Path]:
         layers = {}
         for name, module in shapes.named_modules():
             if name.endswith(targets) and isinstance(module, torch.nn.Linear):
-                layers[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+                layers[f"{name}.lora_A.weight"] = (
+                    torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+                )
                 layers[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.01
         metadata = {"r": rank, "lora_alpha": rank, "target_modules": list(targets)}
         StableDiffusionPipeline.save_lora_weights(adapter, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
@@ -77,7 +79,9 @@ def run_route(route: str, base: Path, adapter: Path, output: Path, dtype: str) -
     if route.startswith("streaming"):
         merge_checkpoint(base, [(adapter, 1.0)], output, dtype=dtype)
     elif route == "naive":
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype])
+        pipe = DiffusionPipeline.from_pretrained(
+            base, torch_dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype]
+        )
         pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name="a")
         pipe.fuse_lora(components=["unet", "text_encoder"])
         pipe.unload_lora_weights()
@@ -111,8 +115,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="Base and output dtype.")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--workdir", type=Path, default=None, help="Keep the base and adapter here (default: a temp folder).")
-    parser.add_argument("--repeats", type=int, default=3, help="Runs per route; the table shows the median time and the largest peak.")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Keep the base and adapter here (default: a temp folder)."
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Runs per route; the table shows the median time and the largest peak."
+    )
     parser.add_argument("--child", nargs=4, metavar=("ROUTE", "BASE", "ADAPTER", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,7 +147,12 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"building the base ({args.dtype}) and a rank-{args.rank} adapter in {workdir} ...", file=sys.stderr)
         # Built in a child too, so that no route starts from this process's memory.
-        done = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--rank", str(args.rank), "--build", str(workdir)], check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--dtype", args.dtype, "--rank", str(args.rank), "--build", str(workdir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         base, adapter = (Path(p) for p in json.loads(done.stdout.strip().splitlines()[-1]))
         model_bytes = weights_bytes(base)
         results = {}
@@ -148,24 +161,42 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats if route != "imports only" else 1):
                 _remove(output)
-                command = [sys.executable, __file__, "--dtype", args.dtype, "--child", route, str(base), str(adapter), str(output)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--dtype",
+                    args.dtype,
+                    "--child",
+                    route,
+                    str(base),
+                    str(adapter),
+                    str(output),
+                ]
                 print(f"running {route} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr)
                 done = subprocess.run(command, check=True, capture_output=True, text=True)
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             results[route] = {
                 "seconds": statistics.median(r["seconds"] for r in runs),
                 "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
-                "output_bytes": (output.stat().st_size if output.is_file() else weights_bytes(output)) if output.exists() else 0,
+                "output_bytes": (output.stat().st_size if output.is_file() else weights_bytes(output))
+                if output.exists()
+                else 0,
             }
             _remove(output)
 
     gib = 2**30
-    print(f"\nBase model weights: {model_bytes / gib:.2f} GiB ({args.dtype}); adapter rank {args.rank} on every attention projection; {os.cpu_count()} CPUs\n")
-    print(f"Median of {args.repeats} runs per route (each in a fresh process; imports not timed); peak RSS is the largest.\n")
+    print(
+        f"\nBase model weights: {model_bytes / gib:.2f} GiB ({args.dtype}); adapter rank {args.rank} on every attention projection; {os.cpu_count()} CPUs\n"
+    )
+    print(
+        f"Median of {args.repeats} runs per route (each in a fresh process; imports not timed); peak RSS is the largest.\n"
+    )
     print("| route | time (s) | peak RSS (GiB) | peak RSS / model size | output (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for route, r in results.items():
-        print(f"| {route} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / model_bytes:.2f}x | {r['output_bytes'] / gib:.2f} |")
+        print(
+            f"| {route} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / model_bytes:.2f}x | {r['output_bytes'] / gib:.2f} |"
+        )
     print()
     for route, what in ROUTES.items():
         print(f"- {route}: {what}")

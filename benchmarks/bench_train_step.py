@@ -99,7 +99,11 @@ class PerCallOrderMoSLoRAVariant(MoSLoRAVariant):
 
 
 # MoSLoRA adapters whose forward is replaced by another formulation of the same maths.
-VARIANTS = {"moslora_naive": NaiveMoSLoRAVariant, "moslora_fold": FoldingMoSLoRAVariant, "moslora_v1": PerCallOrderMoSLoRAVariant}
+VARIANTS = {
+    "moslora_naive": NaiveMoSLoRAVariant,
+    "moslora_fold": FoldingMoSLoRAVariant,
+    "moslora_v1": PerCallOrderMoSLoRAVariant,
+}
 
 # ---------------------------------------------------------------------------------------------------
 # Models: real widths, random weights; depth reduced where CPU time or memory demands (see `describe`).
@@ -197,16 +201,36 @@ def _reduced(actual: int, real: int) -> str:
 # Defaults are the CPU-sized configurations documented in docs/performance.md.
 MODELS: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
-        sd15_unet, sd15_inputs, PRESETS["unet"]["attention"], 1, None, 128, 1,
+        sd15_unet,
+        sd15_inputs,
+        PRESETS["unet"]["attention"],
+        1,
+        None,
+        128,
+        1,
         lambda d, t: f"SD1.5-shaped UNet, layers_per_block={d}{_reduced(d, 2)}",
     ),
     "sdxl": ModelSpec(
-        sdxl_unet, sdxl_inputs, PRESETS["unet"]["attention"], 1, 2, 128, 1,
-        lambda d, t: f"SDXL-shaped UNet, layers_per_block={d}{_reduced(d, 2)}, "
-        f"transformer_layers_per_block=(1, 2, {t}){_reduced(t, 10)}",
+        sdxl_unet,
+        sdxl_inputs,
+        PRESETS["unet"]["attention"],
+        1,
+        2,
+        128,
+        1,
+        lambda d, t: (
+            f"SDXL-shaped UNet, layers_per_block={d}{_reduced(d, 2)}, "
+            f"transformer_layers_per_block=(1, 2, {t}){_reduced(t, 10)}"
+        ),
     ),
     "sd3": ModelSpec(
-        sd3_transformer, sd3_inputs, PRESETS["sd3_transformer"]["attention"], 2, None, 256, 1,
+        sd3_transformer,
+        sd3_inputs,
+        PRESETS["sd3_transformer"]["attention"],
+        2,
+        None,
+        256,
+        1,
         lambda d, t: f"SD3-medium-shaped transformer, {d} joint blocks{_reduced(d, 24)}",
     ),
 }
@@ -233,8 +257,10 @@ class Setup:
         return MODELS[self.model]
 
     def describe(self) -> str:
-        return (f"{self.spec.describe(self.depth, self.transformer_depth)}, random weights; {self.resolution} px "
-                f"({self.resolution // 8}^2 latents), batch {self.batch}, {self.dtype} on {self.device}")
+        return (
+            f"{self.spec.describe(self.depth, self.transformer_depth)}, random weights; {self.resolution} px "
+            f"({self.resolution // 8}^2 latents), batch {self.batch}, {self.dtype} on {self.device}"
+        )
 
 
 def build_model(setup: Setup, seed: int = 0) -> nn.Module:
@@ -285,8 +311,15 @@ def add_peft_method(model: nn.Module, method: str, rank: int, targets: list[str]
                 layer.lora_variant[method] = VARIANTS[method]()
 
 
-_LYCORIS_PRESET_KEYS = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                        "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+_LYCORIS_PRESET_KEYS = (
+    "ENABLE_CONV",
+    "TARGET_REPLACE_MODULE",
+    "TARGET_REPLACE_NAME",
+    "MODULE_ALGO_MAP",
+    "NAME_ALGO_MAP",
+    "USE_FNMATCH",
+    "TARGET_EXCLUDE_NAME",
+)
 
 
 def lycoris_locon_network(model: nn.Module, rank: int, targets: list[str], bypass: bool = False):
@@ -303,14 +336,27 @@ def lycoris_locon_network(model: nn.Module, rank: int, targets: list[str], bypas
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it narrates every network it builds
     pattern = r"(.*\.)?(" + "|".join(re.escape(t) for t in targets) + r")$"
     saved = {k: getattr(LycorisNetwork, k) for k in _LYCORIS_PRESET_KEYS}
-    LycorisNetwork.apply_preset({
-        "enable_conv": False, "target_module": [], "target_name": [pattern], "module_algo_map": {},
-        "name_algo_map": {}, "use_fnmatch": False, "exclude_name": [],
-    })
+    LycorisNetwork.apply_preset(
+        {
+            "enable_conv": False,
+            "target_module": [],
+            "target_name": [pattern],
+            "module_algo_map": {},
+            "name_algo_map": {},
+            "use_fnmatch": False,
+            "exclude_name": [],
+        }
+    )
     try:
         network = LycorisNetwork(
-            model, multiplier=1.0, lora_dim=rank, conv_lora_dim=0, alpha=rank, network_module="locon",
-            bypass_mode=bypass, warn_on_unmatched=True,
+            model,
+            multiplier=1.0,
+            lora_dim=rank,
+            conv_lora_dim=0,
+            alpha=rank,
+            network_module="locon",
+            bypass_mode=bypass,
+            warn_on_unmatched=True,
         )
     finally:
         for k, v in saved.items():
@@ -458,23 +504,42 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16])
-    parser.add_argument("--resolution", type=int, default=None, help="pixels; latents are resolution/8 (default per model)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="pixels; latents are resolution/8 (default per model)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="default per model")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument(
-        "--depth", type=int, default=None,
+        "--depth",
+        type=int,
+        default=None,
         help="sd15, sdxl: layers per UNet block (real: 2; default 1); sd3: joint transformer blocks (SD3-medium: "
         "24; default 2)",
     )
-    parser.add_argument("--transformer-depth", type=int, default=None,
-                        help="sdxl: transformer layers per block at the 1280 level (SDXL: 10; default 2)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + OPTIONAL_METHODS,
-                        help="peft_lora is always measured (it is the reference)")
+    parser.add_argument(
+        "--transformer-depth",
+        type=int,
+        default=None,
+        help="sdxl: transformer layers per block at the 1280 level (SDXL: 10; default 2)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS + OPTIONAL_METHODS,
+        help="peft_lora is always measured (it is the reference)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the base model's dtype")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 avoids thread wake-ups on a crowded machine")
-    parser.add_argument("--no-rss", action="store_true", help="skip the memory measurement (CPU: one subprocess per method)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 avoids thread wake-ups on a crowded machine",
+    )
+    parser.add_argument(
+        "--no-rss", action="store_true", help="skip the memory measurement (CPU: one subprocess per method)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write raw times and memory here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -493,11 +558,26 @@ def main(argv=None) -> None:
     on_cuda = setup.device.startswith("cuda")
     memory_kind = "allocator peak (torch.cuda)" if on_cuda else "resident high-water mark of a fresh process"
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setup.describe()}; {args.rounds} "
-          f"interleaved rounds; adapted: {', '.join(spec.targets)}; memory: {memory_kind}\n", flush=True)
-    header = ["r", "method", "step min (s)", "median (s)", "max (s)", "time x PEFT LoRA", "CPU time x PEFT LoRA",
-              "saved act. (MiB)", "x PEFT LoRA", "peak mem. (MiB)", "x PEFT LoRA", "mem. over model (MiB)",
-              "x PEFT LoRA"]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setup.describe()}; {args.rounds} "
+        f"interleaved rounds; adapted: {', '.join(spec.targets)}; memory: {memory_kind}\n",
+        flush=True,
+    )
+    header = [
+        "r",
+        "method",
+        "step min (s)",
+        "median (s)",
+        "max (s)",
+        "time x PEFT LoRA",
+        "CPU time x PEFT LoRA",
+        "saved act. (MiB)",
+        "x PEFT LoRA",
+        "peak mem. (MiB)",
+        "x PEFT LoRA",
+        "mem. over model (MiB)",
+        "x PEFT LoRA",
+    ]
     print(markdown_header(header), flush=True)
     raw = []
     for rank in args.ranks:
@@ -511,24 +591,51 @@ def main(argv=None) -> None:
         del model, inputs, contenders
         gc.collect()
         if not on_cuda:
-            memory = {m: ({"peak": float("nan"), "model": float("nan")} if args.no_rss else peak_rss_mib(setup, m, rank))
-                      for m in methods}
+            memory = {
+                m: ({"peak": float("nan"), "model": float("nan")} if args.no_rss else peak_rss_mib(setup, m, rank))
+                for m in methods
+            }
         elif args.no_rss:
             memory = {m: {"peak": float("nan"), "model": float("nan")} for m in methods}
         stats, cpu_stats = summarize(times, "peft_lora"), summarize(cpu_times, "peft_lora")
         ref = memory["peft_lora"]
         for m in methods:
             s, peak, grow = stats[m], memory[m]["peak"], memory[m]["peak"] - memory[m]["model"]
-            print(markdown_row([
-                str(rank), m, f"{s['min']:.3f}", f"{s['median']:.3f}", f"{s['max']:.3f}", f"{s['ratio']:.3f}",
-                f"{cpu_stats[m]['ratio']:.3f}", f"{saved[m]:.1f}", f"{saved[m] / saved['peft_lora']:.3f}", f"{peak:.0f}", f"{peak / ref['peak']:.3f}",
-                f"{grow:.0f}", f"{grow / (ref['peak'] - ref['model']):.3f}",
-            ]), flush=True)
+            print(
+                markdown_row(
+                    [
+                        str(rank),
+                        m,
+                        f"{s['min']:.3f}",
+                        f"{s['median']:.3f}",
+                        f"{s['max']:.3f}",
+                        f"{s['ratio']:.3f}",
+                        f"{cpu_stats[m]['ratio']:.3f}",
+                        f"{saved[m]:.1f}",
+                        f"{saved[m] / saved['peft_lora']:.3f}",
+                        f"{peak:.0f}",
+                        f"{peak / ref['peak']:.3f}",
+                        f"{grow:.0f}",
+                        f"{grow / (ref['peak'] - ref['model']):.3f}",
+                    ]
+                ),
+                flush=True,
+            )
         raw.append({"rank": rank, "times": times, "cpu_times": cpu_times, "saved_mib": saved, "memory_mib": memory})
         if args.json:  # after every rank, so that an interrupted run keeps what it measured
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"argv": sys.argv[1:], "setup": setup.__dict__, "torch": torch.__version__,
-                                             "threads": torch.get_num_threads(), "runs": raw}, indent=1))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "argv": sys.argv[1:],
+                        "setup": setup.__dict__,
+                        "torch": torch.__version__,
+                        "threads": torch.get_num_threads(),
+                        "runs": raw,
+                    },
+                    indent=1,
+                )
+            )
 
 
 if __name__ == "__main__":

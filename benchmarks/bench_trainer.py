@@ -54,7 +54,13 @@ NUM_CLASS_IMAGES, CLASS_SAMPLING_STEPS, SAMPLE_BATCH_SIZE = 10, 50, 4
 PEER_FIGURES = {"startup_s": 5.1, "imports_s": 4.4, "steps_per_s": 16.0, "class_images_s": "10-11"}
 
 # (trainer, configuration) pairs, in the order a round runs them.
-RUNS = [("ours", "uncached"), ("peer", "uncached"), ("ours", "cached"), ("ours", "class_images"), ("peer", "class_images")]
+RUNS = [
+    ("ours", "uncached"),
+    ("peer", "uncached"),
+    ("ours", "cached"),
+    ("ours", "class_images"),
+    ("peer", "class_images"),
+]
 OURS_FLAGS = {
     "uncached": [],
     "cached": ["--cache_latents"],
@@ -93,7 +99,12 @@ def build_peer_base(path: Path) -> Path:
         )
     )  # fmt: skip
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
@@ -162,6 +173,7 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
     import logging
     import math
 
+    import diffusers  # noqa: F401
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -170,6 +182,19 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
     from accelerate import Accelerator
     from accelerate.logging import get_logger  # noqa: F401
     from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DiffusionPipeline,
+        UNet2DConditionModel,
+    )  # noqa: F401
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # noqa: F401
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params  # noqa: F401
+    from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: F401
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: F401
+    from diffusers.utils.import_utils import is_xformers_available  # noqa: F401
+    from diffusers.utils.torch_utils import is_compiled_module  # noqa: F401
     from huggingface_hub import create_repo, upload_folder  # noqa: F401
     from huggingface_hub.utils import insecure_hashlib
     from packaging import version  # noqa: F401
@@ -181,21 +206,13 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, PretrainedConfig
 
-    import diffusers  # noqa: F401
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # noqa: F401
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params  # noqa: F401
-    from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: F401
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card  # noqa: F401
-    from diffusers.utils.import_utils import is_xformers_available  # noqa: F401
-    from diffusers.utils.torch_utils import is_compiled_module  # noqa: F401
-
     record.event("imports_done")
     record.hook_optimizer_steps()
     resolution, seed, rank, with_prior = 64, 0, 4, class_dir is not None
 
-    accelerator = Accelerator(project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir, "logs"))))
+    accelerator = Accelerator(
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir, "logs")))
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(seed)
     if with_prior:
@@ -203,7 +220,9 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
         class_images_dir.mkdir(parents=True, exist_ok=True)
         pipeline = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None)
         pipeline.set_progress_bar_config(disable=True)
-        sample_dataloader = accelerator.prepare(torch.utils.data.DataLoader([CLASS_PROMPT] * NUM_CLASS_IMAGES, batch_size=SAMPLE_BATCH_SIZE))
+        sample_dataloader = accelerator.prepare(
+            torch.utils.data.DataLoader([CLASS_PROMPT] * NUM_CLASS_IMAGES, batch_size=SAMPLE_BATCH_SIZE)
+        )
         pipeline.to(accelerator.device)
         record.event("class_images_start")
         index = 0
@@ -234,8 +253,13 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
 
     def transform(image):  # Resize(64, bilinear), RandomCrop(64), ToTensor(), Normalize([0.5], [0.5])
         scale = resolution / min(image.size)
-        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BILINEAR)
-        top, left = np.random.randint(0, image.height - resolution + 1), np.random.randint(0, image.width - resolution + 1)
+        image = image.resize(
+            (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BILINEAR
+        )
+        top, left = (
+            np.random.randint(0, image.height - resolution + 1),
+            np.random.randint(0, image.width - resolution + 1),
+        )
         image = image.crop((left, top, left + resolution, top + resolution))
         return (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) - 0.5) / 0.5
 
@@ -250,7 +274,13 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
         def _example(self, paths, index, prompt):
             image = exif_transpose(Image.open(paths[index % len(paths)]))
             image = image if image.mode == "RGB" else image.convert("RGB")
-            text = tokenizer(prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+            text = tokenizer(
+                prompt,
+                truncation=True,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
+            )
             return transform(image), text.input_ids
 
         def __getitem__(self, index):
@@ -262,12 +292,17 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
     def collate_fn(examples):
         kinds = ["instance", "class"] if with_prior else ["instance"]
         pairs = [example[kind] for kind in kinds for example in examples]
-        return {"pixel_values": torch.stack([p for p, _ in pairs]).float(), "input_ids": torch.cat([ids for _, ids in pairs])}
+        return {
+            "pixel_values": torch.stack([p for p, _ in pairs]).float(),
+            "input_ids": torch.cat([ids for _, ids in pairs]),
+        }
 
     train_dataset = DreamBoothDataset()
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=1, shuffle=True, collate_fn=collate_fn)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=steps)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     num_epochs = math.ceil(steps / len(train_dataloader))
     global_step = 0
     progress_bar = tqdm(range(0, steps), initial=0, desc="Steps")
@@ -280,12 +315,18 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
                 noise = torch.randn_like(model_input)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],)).long()
                 noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
-                encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), attention_mask=None, return_dict=False)[0]
-                model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, class_labels=None, return_dict=False)[0]
+                encoder_hidden_states = text_encoder(
+                    batch["input_ids"].to(text_encoder.device), attention_mask=None, return_dict=False
+                )[0]
+                model_pred = unet(
+                    noisy_model_input, timesteps, encoder_hidden_states, class_labels=None, return_dict=False
+                )[0]
                 if with_prior:
                     model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
                     target, target_prior = torch.chunk(noise, 2, dim=0)
-                    loss = F.mse_loss(model_pred.float(), target.float()) + F.mse_loss(model_pred_prior.float(), target_prior.float())
+                    loss = F.mse_loss(model_pred.float(), target.float()) + F.mse_loss(
+                        model_pred_prior.float(), target_prior.float()
+                    )
                 else:
                     loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
                 accelerator.backward(loss)
@@ -371,9 +412,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration (medians reported)")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the steps/s runs")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the children (default: torch's, one per core)")
-    parser.add_argument("--runs", nargs="+", default=[f"{t}:{c}" for t, c in RUNS], help="trainer:configuration pairs to run")
-    parser.add_argument("--work_dir", default=None, help="base pipeline, logs and records (default: a temporary folder)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the children (default: torch's, one per core)"
+    )
+    parser.add_argument(
+        "--runs", nargs="+", default=[f"{t}:{c}" for t, c in RUNS], help="trainer:configuration pairs to run"
+    )
+    parser.add_argument(
+        "--work_dir", default=None, help="base pipeline, logs and records (default: a temporary folder)"
+    )
     parser.add_argument("--json", default=None, help="also write every run's numbers here")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -465,8 +512,13 @@ def markdown(report: dict) -> str:
         if ours or peer:
             lines.append(f"| peak RSS, {config} run (MiB) | {ours} | {peer} | |")
     help_s = report["help_s"]
-    lines.append(f"| `moslora train --help` (s) | {statistics.median(help_s):.2f} ({min(help_s):.2f}-{max(help_s):.2f}) | | |")
-    lines += ["", "Ratios \"x peer's path\" are medians over rounds of each round's ratio (the two runs of a round are back to back)."]
+    lines.append(
+        f"| `moslora train --help` (s) | {statistics.median(help_s):.2f} ({min(help_s):.2f}-{max(help_s):.2f}) | | |"
+    )
+    lines += [
+        "",
+        "Ratios \"x peer's path\" are medians over rounds of each round's ratio (the two runs of a round are back to back).",
+    ]
     return "\n".join(lines)
 
 

@@ -42,7 +42,9 @@ class Method:
             self.exit()
 
 
-def time_interleaved(methods: list[Method], rounds: int, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def time_interleaved(
+    methods: list[Method], rounds: int, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall-clock and process CPU seconds per ``run`` call, ``rounds`` calls per method, interleaved;
     ``warmup`` untimed calls first. CPU time (all threads of this process) is the cross-check on a shared
     machine: other processes stretch the wall clock, much less the work this process does."""

@@ -39,8 +39,21 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        env = {**os.environ, "MOSLORA_FUZZ_EXAMPLES": str(args.examples), "MOSLORA_FUZZ_REPORT": str(report), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_fuzz_loaders.py")]
+        env = {
+            **os.environ,
+            "MOSLORA_FUZZ_EXAMPLES": str(args.examples),
+            "MOSLORA_FUZZ_REPORT": str(report),
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(REPO / "tests" / "test_fuzz_loaders.py"),
+        ]
         started = time.monotonic()
         result = subprocess.run(command, cwd=REPO, env=env)
         seconds = time.monotonic() - started
@@ -52,7 +65,11 @@ def main() -> int:
         loaded, refused = counts.get(f"{name}/loaded", 0), counts.get(f"{name}/refused", 0)
         total += loaded + refused
         rows.append(f"| {description} | {loaded + refused} | {loaded} | {refused} |")
-    verdict = "every case loaded correctly or was refused with one ValueError naming the file" if result.returncode == 0 else "FAILED (see above)"
+    verdict = (
+        "every case loaded correctly or was refused with one ValueError naming the file"
+        if result.returncode == 0
+        else "FAILED (see above)"
+    )
     table = "\n".join([*rows, "", f"{total} cases in {seconds:.0f} s: {verdict}."])
     print(table)
     if args.output:

@@ -66,7 +66,9 @@ RECOLOURS = ("green", "blue", "yellow")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base", default=str(REPO / "samples" / "tiny-base"), help="the bundled base (a diffusers folder)")
     p.add_argument("--subject", default=str(REPO / "samples" / "subject"))
     p.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "quality"))
@@ -78,13 +80,20 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3, help="tuned once for plain LoRA, then fixed for all")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--num_class_images", type=int, default=64)
-    p.add_argument("--images", type=int, default=16, help="images per subject prompt (recolour/background: half, class: a quarter)")
+    p.add_argument(
+        "--images", type=int, default=16, help="images per subject prompt (recolour/background: half, class: a quarter)"
+    )
     p.add_argument("--sampling_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; use --threads 1 --jobs 2 on 2 cores)")
-    p.add_argument("--captions", action="store_true",
-                   help="train on the subject's caption files (<stem>.caption); default: the one instance prompt for all")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (processes; use --threads 1 --jobs 2 on 2 cores)"
+    )
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="train on the subject's caption files (<stem>.caption); default: the one instance prompt for all",
+    )
     p.add_argument("--quick", action="store_true", help="one seed, 4 steps, 2 images per prompt (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -155,7 +164,13 @@ def matched_rank(base: str, rank: int, target_modules: str) -> tuple[int, int, i
     def count(r: int, train_mixer: bool) -> int:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         unet.requires_grad_(False)
-        config = MoSLoRAConfig(r=r, lora_alpha=r, target_modules=target_modules, mixer_init="identity" if not train_mixer else "kaiming", train_mixer=train_mixer)
+        config = MoSLoRAConfig(
+            r=r,
+            lora_alpha=r,
+            target_modules=target_modules,
+            mixer_init="identity" if not train_mixer else "kaiming",
+            train_mixer=train_mixer,
+        )
         add_moslora(unet, config)
         return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
@@ -229,7 +244,9 @@ def load_base(base: str):
 
 def generate(pipe, prompts: list[str], seed: int, args) -> list:
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompts, num_inference_steps=args.sampling_steps, guidance_scale=args.guidance_scale, generator=generator).images
+    return pipe(
+        prompts, num_inference_steps=args.sampling_steps, guidance_scale=args.guidance_scale, generator=generator
+    ).images
 
 
 def class_prompts() -> list[tuple[str, str, str]]:
@@ -245,9 +262,12 @@ def score(pipe, seed: int, args) -> tuple[dict[str, float], dict[str, list]]:
     prompts = class_prompts()
     classes = generate(pipe, [p for p, _, _ in prompts for _ in range(quarter)], seed + 3, args)
     recolour_ok = [
-        world.evaluate(im).matches(world.SUBJECT_SHAPE, colour) for colour, im in zip([c for c in RECOLOURS for _ in range(half)], recolour)
+        world.evaluate(im).matches(world.SUBJECT_SHAPE, colour)
+        for colour, im in zip([c for c in RECOLOURS for _ in range(half)], recolour)
     ]
-    class_ok = [world.evaluate(im).matches(s, c) for (_, s, c), im in zip([q for q in prompts for _ in range(quarter)], classes)]
+    class_ok = [
+        world.evaluate(im).matches(s, c) for (_, s, c), im in zip([q for q in prompts for _ in range(quarter)], classes)
+    ]
     figures = dict(
         fidelity=world.accuracy(subject, world.SUBJECT_SHAPE, world.SUBJECT_COLOUR),
         recolour=sum(recolour_ok) / len(recolour_ok),
@@ -284,7 +304,9 @@ def table(results: dict[str, list[dict]], base_figures: dict[str, float], ranks:
     return "\n".join(lines) + "\n"
 
 
-def draw_report(path: Path, curves: dict[str, list[list[float]]], samples: dict[str, dict[str, list]], base_samples: dict[str, list]) -> None:
+def draw_report(
+    path: Path, curves: dict[str, list[list[float]]], samples: dict[str, dict[str, list]], base_samples: dict[str, list]
+) -> None:
     """Loss curves (mean over seeds, smoothed) on the left, a row of samples per method on the right."""
     from PIL import Image, ImageDraw
 
@@ -311,7 +333,10 @@ def draw_report(path: Path, curves: dict[str, list[list[float]]], samples: dict[
         draw.text((5, H - pad - 10), f"{lo:.3f}", fill="black")
         for j, (method, ys) in enumerate(means.items()):
             colour = palette[j % len(palette)]
-            pts = [(pad + (W - 10 - pad) * i / max(1, len(ys) - 1), H - pad - (H - pad - 10) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
+            pts = [
+                (pad + (W - 10 - pad) * i / max(1, len(ys) - 1), H - pad - (H - pad - 10) * (y - lo) / (hi - lo))
+                for i, y in enumerate(ys)
+            ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             draw.text((pad + 10, 15 + 12 * j), method, fill=colour)
@@ -374,9 +399,16 @@ def main(argv=None) -> int:
     class_dir = out / "class_images"
     started = time.perf_counter()
 
-    matched, moslora_params, matched_params = matched_rank(args.base, args.rank, args.target_modules if args.target_modules in ('attention', 'attention+ff') else args.target_modules.split(','))
+    matched, moslora_params, matched_params = matched_rank(
+        args.base,
+        args.rank,
+        args.target_modules if args.target_modules in ("attention", "attention+ff") else args.target_modules.split(","),
+    )
     ranks = {m: (matched if m == "lora_matched" else args.rank) for m in args.methods}
-    print(f"MoSLoRA r={args.rank}: {moslora_params} trainable parameters; plain LoRA r={matched}: {matched_params}", flush=True)
+    print(
+        f"MoSLoRA r={args.rank}: {moslora_params} trainable parameters; plain LoRA r={matched}: {matched_params}",
+        flush=True,
+    )
 
     pipe = load_base(args.base)
     base_figures, base_samples = score(pipe, 0, args)
@@ -386,11 +418,17 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
     samples: dict[str, dict] = {}
-    tasks = [(args, method, seed, ranks[method], runs_dir / f"{method}-seed{seed}", class_dir) for seed in range(args.seeds) for method in args.methods]
+    tasks = [
+        (args, method, seed, ranks[method], runs_dir / f"{method}-seed{seed}", class_dir)
+        for seed in range(args.seeds)
+        for method in args.methods
+    ]
     if args.jobs > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,))
+        pool = multiprocessing.get_context("spawn").Pool(
+            args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)
+        )
         outcomes = pool.imap(run_task, tasks)
     else:
         pool, outcomes = None, map(run_task, tasks)
@@ -415,9 +453,18 @@ def main(argv=None) -> int:
     print(header + report, flush=True)
     (out / "results.md").write_text(header + report)
     (out / "results.json").write_text(
-        json.dumps(dict(args={k: repo_relative(v) for k, v in vars(args).items()},
-                        base=base_figures, ranks=ranks, parameters=dict(moslora=moslora_params, lora_matched=matched_params),
-                        runs=results, losses=curves), indent=1) + "\n"  # fmt: skip
+        json.dumps(
+            dict(
+                args={k: repo_relative(v) for k, v in vars(args).items()},
+                base=base_figures,
+                ranks=ranks,
+                parameters=dict(moslora=moslora_params, lora_matched=matched_params),
+                runs=results,
+                losses=curves,
+            ),
+            indent=1,
+        )
+        + "\n"  # fmt: skip
     )
     draw_report(out / "quality.png", curves, samples, base_samples)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'quality.png'}")

@@ -95,7 +95,9 @@ def main() -> int:
     every, limit = args.checkpointing_steps, args.checkpoints_total_limit
 
     ref_out, samples_ref = work / "uninterrupted", []
-    status, ref_seconds = _run(_argv(ref_out, args.steps, every, limit, False), work / "uninterrupted.log", None, samples_ref, ref_out)
+    status, ref_seconds = _run(
+        _argv(ref_out, args.steps, every, limit, False), work / "uninterrupted.log", None, samples_ref, ref_out
+    )
     if status != 0:
         print((work / "uninterrupted.log").read_text()[-3000:])
         return 1
@@ -106,13 +108,17 @@ def main() -> int:
     share = ref_seconds / (args.kills + 1)
     for kill in range(args.kills):
         kill_after = rng.uniform(0.3, 1.7) * share
-        status, seconds = _run(_argv(out, args.steps, every, limit, _has_checkpoint(out)), work / "soak.log", kill_after, samples, out)
+        status, seconds = _run(
+            _argv(out, args.steps, every, limit, _has_checkpoint(out)), work / "soak.log", kill_after, samples, out
+        )
         soak_seconds += seconds
         attempts.append({"kill": kill + 1, "after_s": round(kill_after, 2), "status": status})
         print(f"kill {kill + 1}: after {kill_after:.1f} s (exit {status})", flush=True)
         if status == 0:  # the run finished before the kill: nothing left to interrupt
             break
-    status, seconds = _run(_argv(out, args.steps, every, limit, _has_checkpoint(out)), work / "soak.log", None, samples, out)
+    status, seconds = _run(
+        _argv(out, args.steps, every, limit, _has_checkpoint(out)), work / "soak.log", None, samples, out
+    )
     soak_seconds += seconds
     if status != 0:
         print((work / "soak.log").read_text()[-3000:])
@@ -121,7 +127,9 @@ def main() -> int:
     ref, _ = load_safetensors(ref_out / "moslora_weights.safetensors")
     got, _ = load_safetensors(out / "moslora_weights.safetensors")
     identical = ref.keys() == got.keys() and all(bool((ref[k] == got[k]).all()) for k in ref)
-    checkpoint_bytes = _du(ref_out / f"checkpoint-{args.steps}") if (ref_out / f"checkpoint-{args.steps}").is_dir() else 0
+    checkpoint_bytes = (
+        _du(ref_out / f"checkpoint-{args.steps}") if (ref_out / f"checkpoint-{args.steps}").is_dir() else 0
+    )
     # The limit keeps `limit` checkpoints; while one is written there are limit + 1 (one as .tmp).
     allowed = (limit + 1) * checkpoint_bytes + sum(p.stat().st_size for p in ref_out.glob("*.safetensors")) + 1_000_000
     result = {

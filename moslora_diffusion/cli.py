@@ -4,7 +4,8 @@
     moslora export ADAPTER [--layout diffusers|kohya|onetrainer ...]   native file -> folded files for clients
     moslora inspect FILE [--pretrained_model_name_or_path DIR] [--json]
     moslora resize ADAPTER --rank K [--output_dir DIR]   exact best rank-K approximation of each s B M A
-    moslora merge --base DIR|FILE.safetensors --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors   bake adapters in
+    moslora merge --base DIR|FILE.safetensors --adapter PATH[:WEIGHT] ... --output OUT_DIR | OUT.safetensors
+                                                                                        bake adapters in
 
 To add a subcommand, write ``_<name>_arguments(parser)`` and ``_run_<name>(args) -> int`` and add a
 ``Subcommand`` to ``SUBCOMMANDS``; import heavy modules inside the run function. Errors meant for people
@@ -154,7 +155,11 @@ def _print_inspect_report(report: dict) -> None:
     if report["fits"]:
         print(f"fits:       {report['fits']} (family, module names and shapes checked)")
     for component, info in report["components"].items():
-        mixer = f"mixer {info['mixer']}, {'trainable' if info['train_mixer'] else 'frozen'}" if info["mixer"] else "no mixer (plain LoRA)"
+        mixer = (
+            f"mixer {info['mixer']}, {'trainable' if info['train_mixer'] else 'frozen'}"
+            if info["mixer"]
+            else "no mixer (plain LoRA)"
+        )
         rslora = ", rsLoRA" if info["use_rslora"] else ""
         print(
             f"{component}: {info['modules']} modules, rank {info['rank']}, alpha {info['lora_alpha']}{rslora} "
@@ -171,7 +176,10 @@ def _print_inspect_report(report: dict) -> None:
     width = max(len(name) for name in layers)
     print(f"{'layer'.ljust(width)}  sv_max   sv_min   cond      |M-I|/|I|")
     for name, s in layers.items():
-        print(f"{name.ljust(width)}  {s['sv_max']:<8.4f} {s['sv_min']:<8.4f} {s['condition']:<9.3g} {s['distance_from_identity']:.4f}")
+        print(
+            f"{name.ljust(width)}  {s['sv_max']:<8.4f} {s['sv_min']:<8.4f} {s['condition']:<9.3g} "
+            f"{s['distance_from_identity']:.4f}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +217,11 @@ def _run_resize(args: argparse.Namespace) -> int:
     layouts = FORMATS if state.source_format in ("native", "checkpoint") else (same_kind,)
     paths = write_adapter_files(resized, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps({"rank": report.rank, "energy": report.energy, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+        print(
+            json.dumps(
+                {"rank": report.rank, "energy": report.energy, "files": {k: str(v) for k, v in paths.items()}}, indent=2
+            )
+        )
         return 0
     width = max(len(name) for name in report.energy)
     for name, energy in report.energy.items():
@@ -233,7 +245,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     # Every flag goes to the DreamBooth recipe's own parser, so `moslora train` and
     # train_scripts/train_dreambooth_moslora.py take the same flags and --config files, --help included.
     parser.prefix_chars = "\0"
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="the flags of train_dreambooth_moslora.py (see moslora train --help)")
+    parser.add_argument(
+        "train_args",
+        nargs=argparse.REMAINDER,
+        help="the flags of train_dreambooth_moslora.py (see moslora train --help)",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -266,10 +282,23 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="an adapter file or folder (native, folded diffusers or kohya, or any LoRA file diffusers reads) and "
         "its weight (default 1); repeat to merge several",
     )
-    parser.add_argument("--output", required=True, help="OUT_DIR (a diffusers folder) or OUT.safetensors (a single file in the original layout)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the output's floating-point weights (default: as the base)")
-    parser.add_argument("--components", help="comma-separated components to merge into, e.g. unet,text_encoder (default: all the adapters change)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output, once the new one is complete")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="OUT_DIR (a diffusers folder) or OUT.safetensors (a single file in the original layout)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="cast the output's floating-point weights (default: as the base)",
+    )
+    parser.add_argument(
+        "--components",
+        help="comma-separated components to merge into, e.g. unet,text_encoder (default: all the adapters change)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output, once the new one is complete"
+    )
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -281,13 +310,23 @@ def _run_merge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "train": Subcommand("DreamBooth-train a MoSLoRA adapter (SD 1.x/2.x, SDXL, SD3, Flux); flags as diffusers' scripts", _train_arguments, _run_train),
+    "train": Subcommand(
+        "DreamBooth-train a MoSLoRA adapter (SD 1.x/2.x, SDXL, SD3, Flux); flags as diffusers' scripts",
+        _train_arguments,
+        _run_train,
+    ),
     "export": Subcommand(
         "write the folded diffusers, kohya or OneTrainer files of a native adapter", _export_arguments, _run_export
     ),
-    "inspect": Subcommand("show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect),
-    "resize": Subcommand("exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize),
-    "merge": Subcommand("bake adapters into a base model: a diffusers folder or a single-file checkpoint", _merge_arguments, _run_merge),
+    "inspect": Subcommand(
+        "show an adapter file's layout, family, ranks and mixer statistics", _inspect_arguments, _run_inspect
+    ),
+    "resize": Subcommand(
+        "exact best rank-k approximation of an adapter (with its mixer)", _resize_arguments, _run_resize
+    ),
+    "merge": Subcommand(
+        "bake adapters into a base model: a diffusers folder or a single-file checkpoint", _merge_arguments, _run_merge
+    ),
 }
 
 

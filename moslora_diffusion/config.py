@@ -88,4 +88,3 @@ class MoSLoRAConfig(LoraConfig):
     def to_lora_config_kwargs(self) -> dict:
         """The plain ``LoraConfig`` fields (what a folded adapter needs): no MoSLoRA-only field."""
         return {k: v for k, v in self.to_dict().items() if k not in MOSLORA_ONLY_FIELDS}
-

@@ -36,7 +36,9 @@ def _config_of(model: torch.nn.Module):
 
 
 def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def _clip_hidden_and_pooled(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +247,9 @@ class Family:
         return {key: batch[key].to(device) for key in cls.micro_conditioning_keys}
 
     @classmethod
-    def encode_prompt(cls, components: dict[str, Any], prompts: list[str], max_sequence_length: int | None) -> dict[str, torch.Tensor]:
+    def encode_prompt(
+        cls, components: dict[str, Any], prompts: list[str], max_sequence_length: int | None
+    ) -> dict[str, torch.Tensor]:
         """Conditioning tensors for ``prompts`` (batch first), named as :meth:`predict` reads them.
 
         Runs the text encoders found in ``components`` (possibly wrapped for DDP) under whatever grad
@@ -256,8 +260,13 @@ class Family:
 
     @classmethod
     def predict(
-        cls, denoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor],
-        batch: dict[str, Any], guidance_scale: float = 1.0,
+        cls,
+        denoiser,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """The denoiser's output for ``noisy_latents`` (B, C, h, w), shaped like them."""
         raise NotImplementedError
@@ -292,7 +301,9 @@ class SD15(Family):
 
     @classmethod
     def predict(cls, denoiser, noisy_latents, timesteps, conditioning, batch, guidance_scale=1.0):
-        return denoiser(noisy_latents, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], return_dict=False)[0]
+        return denoiser(
+            noisy_latents, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], return_dict=False
+        )[0]
 
 
 class SD2(SD15):
@@ -345,7 +356,9 @@ class SDXL(Family):
         # Micro-conditioning: (original h, w, crop top, left, target h, w), one row per sample.
         time_ids = torch.cat([batch[key] for key in cls.micro_conditioning_keys], dim=1)
         added = {"time_ids": time_ids.to(prompt_embeds), "text_embeds": conditioning["pooled_prompt_embeds"]}
-        return denoiser(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+        return denoiser(
+            noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added, return_dict=False
+        )[0]
 
 
 class SD3(Family):
@@ -356,7 +369,12 @@ class SD3(Family):
     t5_text_encoder = "text_encoder_3"
     # kohya_prefixes: OneTrainer's layout (diffusers module names under lora_transformer_), which ComfyUI
     # reads too; the kohya file uses sd-scripts' original MMDiT names (fused qkv) instead.
-    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
+    kohya_prefixes = {
+        "transformer": "lora_transformer",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+        "text_encoder_3": "lora_te3",
+    }
     diffusers_file_layout = "peft_folded"
     kohya_file_layout = "sd_scripts"
     sd_scripts_prefixes = {
@@ -637,8 +655,13 @@ class QwenImage(Family):
     def encode_prompt(cls, components, prompts, max_sequence_length=None):
         tokenizer, encoder = components["tokenizer"], components["text_encoder"]
         template, dropped = _QWEN_IMAGE_TEMPLATE, _QWEN_IMAGE_TEMPLATE_TOKENS
-        tokens = tokenizer([template.format(p) for p in prompts], padding=True, truncation=True,
-                           max_length=_QWEN_IMAGE_TOKENIZER_LIMIT + dropped, return_tensors="pt")
+        tokens = tokenizer(
+            [template.format(p) for p in prompts],
+            padding=True,
+            truncation=True,
+            max_length=_QWEN_IMAGE_TOKENIZER_LIMIT + dropped,
+            return_tensors="pt",
+        )
         device = _device_of(encoder)
         mask = tokens.attention_mask.to(device)
         out = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
@@ -774,8 +797,10 @@ class Flux2Klein(_Flux2Base):
         )
         device = _device_of(encoder)
         out = encoder(
-            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
-            output_hidden_states=True, use_cache=False,
+            input_ids=tokens.input_ids.to(device),
+            attention_mask=tokens.attention_mask.to(device),
+            output_hidden_states=True,
+            use_cache=False,
         )
         return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
 
@@ -799,14 +824,21 @@ class Flux2(_Flux2Base):
         tokenizer, encoder = components["tokenizer"], components["text_encoder"]
         # As Flux2Pipeline: a system turn and a user turn per prompt, through the processor's chat template.
         tokens = tokenizer.apply_chat_template(
-            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE), add_generation_prompt=False,
-            tokenize=True, return_dict=True, return_tensors="pt",
-            padding="max_length", truncation=True, max_length=max_sequence_length,
+            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE),
+            add_generation_prompt=False,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=max_sequence_length,
         )
         device = _device_of(encoder)
         out = encoder(
-            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
-            output_hidden_states=True, use_cache=False,
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            output_hidden_states=True,
+            use_cache=False,
         )
         return {"prompt_embeds": _stacked_hidden_states(out.hidden_states, cls.text_encoder_out_layers)}
 
@@ -853,7 +885,9 @@ def family_of_model_index(model_index: dict, unet_config: dict | None = None) ->
 def family_of_pipeline(pipe) -> type[Family]:
     """The family of a loaded diffusers pipeline."""
     unet = getattr(pipe, "unet", None)
-    use_linear = bool(getattr(getattr(unet, "config", None), "use_linear_projection", False)) if unet is not None else None
+    use_linear = (
+        bool(getattr(getattr(unet, "config", None), "use_linear_projection", False)) if unet is not None else None
+    )
     return _family_from_class_and_unet(type(pipe).__name__, use_linear)
 
 

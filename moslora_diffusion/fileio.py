@@ -75,7 +75,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``tensors`` (contiguous copies) to ``path`` atomically; metadata values must be strings."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -121,7 +123,9 @@ def _open_safetensors(path: str | os.PathLike):
         raise ValueError(f"{path}: no such file")
     if path.suffix not in (".safetensors", ".sft"):
         # Pickle-based formats (.bin, .pt, .ckpt) can run code when loaded; we never unpickle user files.
-        raise ValueError(f"{path}: only .safetensors files are accepted (pickle formats such as .bin/.ckpt/.pt are refused)")
+        raise ValueError(
+            f"{path}: only .safetensors files are accepted (pickle formats such as .bin/.ckpt/.pt are refused)"
+        )
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
@@ -214,7 +218,9 @@ class SafetensorsReader:
         prefix = self._file.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if header_len <= 0 or header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{self.path}: not a valid safetensors file (bad header length); the file is corrupt or truncated")
+            raise ValueError(
+                f"{self.path}: not a valid safetensors file (bad header length); the file is corrupt or truncated"
+            )
         try:
             header = json.loads(self._file.read(header_len))
         except (UnicodeDecodeError, ValueError) as err:
@@ -239,7 +245,9 @@ class SafetensorsReader:
             for d in shape:
                 numel *= d
             if end - begin != numel * dtype.itemsize or data_start + end > size:
-                raise ValueError(f"{self.path}: tensor {name!r} lies outside the file; the file is corrupt or truncated")
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} lies outside the file; the file is corrupt or truncated"
+                )
             tensors[name] = TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end)
         return tensors, metadata
 
@@ -288,7 +296,11 @@ def write_safetensors_streaming(
         for d in shape:
             numel *= d
         nbytes = numel * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -301,7 +313,8 @@ def write_safetensors_streaming(
             tensor = tensor_for(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(
-                    f"{path}: tensor {name!r} came out {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}"
+                    f"{path}: tensor {name!r} came out {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"declared {dtype} {tuple(shape)}"
                 )
             if tensor.numel():
                 f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())

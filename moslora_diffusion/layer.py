@@ -94,7 +94,9 @@ class MoSLoRAVariant(LoraVariant):
         return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         lora_a = module.lora_A[active_adapter]
         lora_b = module.lora_B[active_adapter]
         mixer = module.lora_mixer[active_adapter].weight
@@ -141,12 +143,16 @@ class _MoSLoRAMixin:
         weight_b = self.lora_B[adapter].weight
         dtype = weight_b.dtype
         # fp16/bf16 matmuls are slow (and lossy) on CPU: compute in fp32 there, as PEFT does.
-        compute_dtype = torch.float32 if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+        compute_dtype = (
+            torch.float32 if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+        )
         weight_a = fold_mixer_into_lora_a(
             self.lora_A[adapter].weight.to(compute_dtype), self.lora_mixer[adapter].weight.to(compute_dtype)
         )
         weight_b = weight_b.to(compute_dtype)
-        delta = delta_weight_from_factors(weight_b, weight_a, self.get_base_layer().weight.shape, getattr(self, "fan_in_fan_out", False))
+        delta = delta_weight_from_factors(
+            weight_b, weight_a, self.get_base_layer().weight.shape, getattr(self, "fan_in_fan_out", False)
+        )
         return (delta * self.scaling[adapter]).to(dtype)
 
 

@@ -1,9 +1,9 @@
 """Pipeline-level save and load of MoSLoRA adapters, named and shaped like diffusers' LoRA API.
 
-    save_moslora_weights(pipe, "out/")          # native + folded diffusers + kohya files, atomically
-    pipe.load_lora_weights("out/")              # stock diffusers: the folded file, no code of ours
-    load_moslora_weights(pipe, "out/")          # any layout we read, folded, through diffusers' loader
-    load_moslora_weights(pipe, "out/", trainable=True)   # MoSLoRA layers with a trainable mixer
+save_moslora_weights(pipe, "out/")          # native + folded diffusers + kohya files, atomically
+pipe.load_lora_weights("out/")              # stock diffusers: the folded file, no code of ours
+load_moslora_weights(pipe, "out/")          # any layout we read, folded, through diffusers' loader
+load_moslora_weights(pipe, "out/", trainable=True)   # MoSLoRA layers with a trainable mixer
 """
 
 from __future__ import annotations
@@ -128,7 +128,10 @@ def save_moslora_weights(
     paths = write_adapter_files(state, save_directory, title=title, denoiser_config=denoiser_config)
     logger.info(
         "Saved %s adapter %r (%s) to %s",
-        family.name, adapter_name, ", ".join(f"{c}: {len(a.layers)} modules" for c, a in state.components.items()), save_directory,
+        family.name,
+        adapter_name,
+        ", ".join(f"{c}: {len(a.layers)} modules" for c, a in state.components.items()),
+        save_directory,
     )  # fmt: skip
     return paths
 
@@ -172,13 +175,18 @@ def component_adapter_from_model(
                 break
         else:
             # DoRA magnitudes, LoRA biases, modules_to_save, trainable tokens: no plain-LoRA file holds them.
-            raise ValueError(f"{component} adapter {adapter_name!r} has {key!r}, which LoRA files cannot hold; only A, M and B are saved")
+            raise ValueError(
+                f"{component} adapter {adapter_name!r} has {key!r}, which LoRA files cannot hold; "
+                "only A, M and B are saved"
+            )
     layers = {}
     for path, factors in sorted(modules.items()):
         module = model.get_submodule(path)
         r, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
         scale = alpha / (r**0.5 if config.use_rslora else r)
-        layers[canonical_module_path(model, path)] = LayerFactors(factors["A"], factors["B"], factors.get("M"), scale, f"{component}.{path}")
+        layers[canonical_module_path(model, path)] = LayerFactors(
+            factors["A"], factors["B"], factors.get("M"), scale, f"{component}.{path}"
+        )
     return ComponentAdapter(component_config_from_peft(config), layers)
 
 
@@ -208,7 +216,9 @@ def load_moslora_weights(
     state = read_adapter_file(path_or_dir, weight_name)
     path = state.source_path
     family = family_of_pipeline(pipe)
-    models = {name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None}
+    models = {
+        name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None
+    }
     state = fit_adapter_to_models(state, models, family)
     logger.info("%s: found a %s adapter file (%s)", path, state.source_format, ", ".join(state.components))
     if trainable:
@@ -234,14 +244,21 @@ def fit_adapter_to_models(state: AdapterState, models: dict[str, nn.Module], fam
         try:
             module = model.get_submodule(model_module_path(model, path))
         except AttributeError:
-            raise ValueError(f"{where}: {layer.source_key!r} names no module of this pipeline's {component}; the file was made for another model") from None
+            raise ValueError(
+                f"{where}: {layer.source_key!r} names no module of this pipeline's {component}; "
+                "the file was made for another model"
+            ) from None
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
         expected = _expected_factor_shapes(base, layer.rank)
         if expected is None:
-            raise ValueError(f"{where}: {layer.source_key!r} adapts a {type(base).__name__}; LoRA files adapt Linear and Conv2d layers")
+            raise ValueError(
+                f"{where}: {layer.source_key!r} adapts a {type(base).__name__}; "
+                "LoRA files adapt Linear and Conv2d layers"
+            )
         if (tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)) != expected:
             raise ValueError(
-                f"{where}: {layer.source_key!r} has A {tuple(layer.lora_A.shape)} and B {tuple(layer.lora_B.shape)}, but "
+                f"{where}: {layer.source_key!r} has A {tuple(layer.lora_A.shape)} "
+                f"and B {tuple(layer.lora_B.shape)}, but "
                 f"{component}.{path} needs A {expected[0]} and B {expected[1]}: the file does not fit this pipeline"
             )
     return state
@@ -363,7 +380,9 @@ def pipeline_skeleton(pretrained_model_name_or_path: str | os.PathLike) -> tuple
     return family, models
 
 
-def check_adapter_file(path_or_dir: str | os.PathLike, pretrained_model_name_or_path: str | os.PathLike, weight_name: str | None = None) -> AdapterState:
+def check_adapter_file(
+    path_or_dir: str | os.PathLike, pretrained_model_name_or_path: str | os.PathLike, weight_name: str | None = None
+) -> AdapterState:
     """Read an adapter file and check that it fits the pipeline folder (family, modules, shapes)."""
     state = read_adapter_file(path_or_dir, weight_name)
     family, models = pipeline_skeleton(pretrained_model_name_or_path)

@@ -128,7 +128,10 @@ def _unet_rules(keys: list[str], config: Mapping) -> list[Rule]:
             r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
             lambda m: f"input_blocks.{1 + int(m.group(1)) * step + per_block}.0.op.{m.group(2)}",
         ),
-        (rf"mid_block\.resnets\.(\d+)\.((?:{resnet})\..+)", lambda m: _resnet(f"middle_block.{2 * int(m.group(1))}", m.group(2))),
+        (
+            rf"mid_block\.resnets\.(\d+)\.((?:{resnet})\..+)",
+            lambda m: _resnet(f"middle_block.{2 * int(m.group(1))}", m.group(2)),
+        ),
         (r"mid_block\.attentions\.(\d+)\.(.+)", lambda m: f"middle_block.{2 * int(m.group(1)) + 1}.{m.group(2)}"),
         (
             rf"up_blocks\.(\d+)\.resnets\.(\d+)\.((?:{resnet})\..+)",
@@ -157,16 +160,33 @@ def _vae_rules(keys: list[str], config: Mapping) -> list[Rule]:
         (r"(encoder|decoder)\.(conv_in|conv_out)\.(.+)", r"\1.\2.\3"),
         (r"(encoder|decoder)\.conv_norm_out\.(.+)", r"\1.norm_out.\2"),
         (r"(quant_conv|post_quant_conv)\.(.+)", r"\1.\2"),
-        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"encoder.down.{m.group(1)}.block.{m.group(2)}.{vae_resnet(m.group(3))}"),
+        (
+            r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda m: f"encoder.down.{m.group(1)}.block.{m.group(2)}.{vae_resnet(m.group(3))}",
+        ),
         (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", r"encoder.down.\1.downsample.conv.\2"),
-        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{vae_resnet(m.group(3))}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight", lambda m: f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.weight", None, _conv1x1),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", lambda m: f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}"),
+        (
+            r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+            lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{vae_resnet(m.group(3))}",
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight",
+            lambda m: f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.weight",
+            None,
+            _conv1x1,
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)",
+            lambda m: f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}",
+        ),
         (
             r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
             lambda m: f"decoder.up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.{vae_resnet(m.group(3))}",
         ),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", lambda m: f"decoder.up.{num_up - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"),
+        (
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+            lambda m: f"decoder.up.{num_up - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}",
+        ),
     ]
 
 
@@ -222,7 +242,12 @@ def _sd3_rules(keys: list[str], config: Mapping) -> list[Rule]:
         (rf"{block}\.attn2\.to_out\.0\.(.+)", r"joint_blocks.\1.x_block.attn2.proj.\2"),
         (rf"{block}\.norm1\.linear\.(.+)", r"joint_blocks.\1.x_block.adaLN_modulation.1.\2"),
         # The last block's context stream only conditions (context_pre_only): an AdaLN-continuous norm.
-        (rf"transformer_blocks\.({last})\.norm1_context\.linear\.(.+)", r"joint_blocks.\1.context_block.adaLN_modulation.1.\2", None, _swap_halves),
+        (
+            rf"transformer_blocks\.({last})\.norm1_context\.linear\.(.+)",
+            r"joint_blocks.\1.context_block.adaLN_modulation.1.\2",
+            None,
+            _swap_halves,
+        ),
         (rf"{block}\.norm1_context\.linear\.(.+)", r"joint_blocks.\1.context_block.adaLN_modulation.1.\2"),
         (rf"{block}\.ff\.net\.0\.proj\.(.+)", r"joint_blocks.\1.x_block.mlp.fc1.\2"),
         (rf"{block}\.ff\.net\.2\.(.+)", r"joint_blocks.\1.x_block.mlp.fc2.\2"),
@@ -300,7 +325,9 @@ def single_file_components(family: str) -> tuple[str, ...]:
     return tuple(component for component, _, _ in SINGLE_FILE_LAYOUTS[family])
 
 
-def original_layout(family: str, keys: Mapping[str, Iterable[str]], configs: Mapping[str, Mapping]) -> list[OriginalTensor]:
+def original_layout(
+    family: str, keys: Mapping[str, Iterable[str]], configs: Mapping[str, Mapping]
+) -> list[OriginalTensor]:
     """The plan of ``family``'s single file: every tensor, built from the diffusers tensors ``keys``.
 
     ``keys`` maps each component of :func:`single_file_components` to its diffusers tensor names (as
@@ -328,7 +355,9 @@ def original_layout(family: str, keys: Mapping[str, Iterable[str]], configs: Map
             transforms[name] = transform
         for name in sorted(parts):
             if len(parts[name]) != counts[name]:
-                raise ValueError(f"{component}: {name!r} needs {counts[name]} tensors, found {sorted(parts[name].values())}")
+                raise ValueError(
+                    f"{component}: {name!r} needs {counts[name]} tensors, found {sorted(parts[name].values())}"
+                )
             sources = tuple((component, parts[name][i]) for i in range(counts[name]))
             plan.append(OriginalTensor(name, sources, transforms[name]))
     return plan

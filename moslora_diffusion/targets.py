@@ -36,8 +36,14 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         # Single blocks: proj_mlp feeds the MLP; their proj_out maps back. Not the model's final proj_out:
         # sd-scripts has no such module, and diffusers' reader of sd-scripts files fails on it.
         "attention+ff": _JOINT_ATTN
-        + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-           "single_transformer_blocks.*.proj_out"],
+        + [
+            "ff.net.0.proj",
+            "ff.net.2",
+            "ff_context.net.0.proj",
+            "ff_context.net.2",
+            "proj_mlp",
+            "single_transformer_blocks.*.proj_out",
+        ],
     },
     "zimage_transformer": {
         "attention": _UNET_ATTN,  # the layers' and both refiners' attention, as diffusers' Z-Image script

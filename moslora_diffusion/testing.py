@@ -1,7 +1,7 @@
 """The public name of the tiny offline pipelines (:mod:`moslora_diffusion.tiny`), for tests, docs and smoke runs.
 
-    >>> from moslora_diffusion.testing import make_tiny_pipeline
-    >>> pipe = make_tiny_pipeline("sdxl")
+>>> from moslora_diffusion.testing import make_tiny_pipeline
+>>> pipe = make_tiny_pipeline("sdxl")
 """
 
 from .tiny import (  # noqa: F401

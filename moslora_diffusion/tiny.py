@@ -99,8 +99,14 @@ _FLUX2_VAE_BATCH_NORM = {
 }
 _FLUX2_SCHEDULER = (
     "FlowMatchEulerDiscreteScheduler",
-    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-         max_image_seq_len=4096),
+    dict(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
 )
 
 # One table: for each family, the pipeline class, the denoiser (component name, class, config), the VAE
@@ -110,7 +116,11 @@ _FLUX2_SCHEDULER = (
 _FAMILY_SPECS: dict[str, dict[str, Any]] = {
     "sd15": dict(
         pipeline="StableDiffusionPipeline",
-        denoiser=("unet", "UNet2DConditionModel", dict(_UNET_BASE, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8)),
+        denoiser=(
+            "unet",
+            "UNet2DConditionModel",
+            dict(_UNET_BASE, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8),
+        ),
         vae=dict(latent_channels=4, scaling_factor=0.18215),
         scheduler=("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
         text_encoders=("clip",),
@@ -174,7 +184,11 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
             ),
         ),
         vae=dict(
-            latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         ),
         scheduler=("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
         text_encoders=("clip_proj", "clip_proj", "t5"),
@@ -199,7 +213,11 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
             ),
         ),
         vae=dict(
-            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         ),
         scheduler=(
             "FlowMatchEulerDiscreteScheduler",
@@ -235,8 +253,11 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
             ),
         ),
         vae=dict(
-            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-            use_quant_conv=False, use_post_quant_conv=False,
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         ),
         scheduler=(
             "FlowMatchEulerDiscreteScheduler",
@@ -295,13 +316,28 @@ _FAMILY_SPECS: dict[str, dict[str, Any]] = {
         # Qwen-Image's video VAE (one frame per image), 4 latent channels, spatial stride 4.
         vae_model=(
             "AutoencoderKLQwenImage",
-            dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2]),
+            dict(
+                base_dim=24,
+                z_dim=4,
+                dim_mult=[1, 2, 4],
+                num_res_blocks=1,
+                temperal_downsample=[False, True],
+                latents_mean=[0.1, -0.2, 0.0, 0.3],
+                latents_std=[1.5, 0.8, 1.0, 1.2],
+            ),
         ),
         scheduler=(
             "FlowMatchEulerDiscreteScheduler",
-            dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                 max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+            dict(
+                shift=1.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=0.9,
+                base_image_seq_len=256,
+                max_image_seq_len=8192,
+                shift_terminal=0.02,
+                time_shift_type="exponential",
+            ),
         ),
         text_encoders=("qwen2_5_vl",),
         call=dict(true_cfg_scale=1.0, max_sequence_length=T5_MAX_LENGTH),
@@ -417,8 +453,13 @@ def make_mistral_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=model_max_length, chat_template=_MISTRAL_CHAT_TEMPLATE,
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=model_max_length,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
     )
     tokenizer.add_tokens([*_MISTRAL_TOKENS[4:], SYSTEM_MESSAGE], special_tokens=True)
     return tokenizer
@@ -512,8 +553,16 @@ def _make_text_encoder(kind: str, tokenizer, t5_width: int):
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             ),
-            vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=37, image_size=30, patch_size=6, num_channels=3),
+            vision_config=dict(
+                model_type="pixtral",
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=37,
+                image_size=30,
+                patch_size=6,
+                num_channels=3,
+            ),
             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
             image_seq_length=4,
             vision_feature_layer=-1,

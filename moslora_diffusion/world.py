@@ -113,8 +113,10 @@ def caption(shape: str | None, colour: str | None, background: str | None) -> st
 
 
 def subject_prompt(colour: str | None = None, background: str | None = None) -> str:
-    """"a photo of sks shape", optionally recoloured or on another background."""
-    text = f"a photo of a {colour} {SUBJECT_TOKEN} {CLASS_NOUN}" if colour else f"a photo of {SUBJECT_TOKEN} {CLASS_NOUN}"
+    """ "a photo of sks shape", optionally recoloured or on another background."""
+    text = (
+        f"a photo of a {colour} {SUBJECT_TOKEN} {CLASS_NOUN}" if colour else f"a photo of {SUBJECT_TOKEN} {CLASS_NOUN}"
+    )
     return f"{text} on a {background} background" if background else text
 
 
@@ -258,7 +260,9 @@ def evaluate(image: Image.Image) -> Verdict:
     pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
-    bg_name, bg_dist = min(((n, float(np.linalg.norm(bg_rgb - np.asarray(c)))) for n, c in BACKGROUNDS.items()), key=lambda t: t[1])
+    bg_name, bg_dist = min(
+        ((n, float(np.linalg.norm(bg_rgb - np.asarray(c)))) for n, c in BACKGROUNDS.items()), key=lambda t: t[1]
+    )
     background = bg_name if bg_dist < _BG_DISTANCE else None
     none = Verdict(False, None, None, background, 0.0)
 
@@ -270,11 +274,15 @@ def evaluate(image: Image.Image) -> Verdict:
     if blob.sum() < 0.9 * area:
         return none
     mean_rgb = pixels[blob].mean(axis=0)
-    colour_name, colour_dist = min(((n, float(np.linalg.norm(mean_rgb - np.asarray(c)))) for n, c in COLOURS.items()), key=lambda t: t[1])
+    colour_name, colour_dist = min(
+        ((n, float(np.linalg.norm(mean_rgb - np.asarray(c)))) for n, c in COLOURS.items()), key=lambda t: t[1]
+    )
     colour = colour_name if colour_dist < _COLOUR_DISTANCE else None
     normalised, aspect = _normalised_mask(blob)
     scores = {
-        s: float((normalised & t).sum() / max(1, (normalised | t).sum())) if abs(math.log(aspect / t_aspect)) <= _MAX_ASPECT_ERROR else 0.0
+        s: float((normalised & t).sum() / max(1, (normalised | t).sum()))
+        if abs(math.log(aspect / t_aspect)) <= _MAX_ASPECT_ERROR
+        else 0.0
         for s, (t, t_aspect) in _shape_templates().items()
     }
     shape_name = max(scores, key=scores.get)
@@ -282,7 +290,9 @@ def evaluate(image: Image.Image) -> Verdict:
     return Verdict(True, shape, colour, background, scores[shape_name])
 
 
-def accuracy(images: Sequence[Image.Image], shape: str | None = None, colour: str | None = None, background: str | None = None) -> float:
+def accuracy(
+    images: Sequence[Image.Image], shape: str | None = None, colour: str | None = None, background: str | None = None
+) -> float:
     """Share of ``images`` that hold an object with every attribute given (no object = failure)."""
     if not images:
         return float("nan")

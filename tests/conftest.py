@@ -31,7 +31,9 @@ def randomize_adapter(model: torch.nn.Module, adapter_name: str, std: float = 0.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if f".{adapter_name}." in name and ("lora_B" in name or "lora_mixer" in name or "lora_A" in name):
-                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * (std if "lora_B" in name else 1.0 / param.shape[-1] ** 0.5)
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * (
+                    std if "lora_B" in name else 1.0 / param.shape[-1] ** 0.5
+                )
                 if "lora_mixer" in name:
                     noise += torch.eye(param.shape[0])
                 param.copy_(noise.to(param.dtype))

@@ -15,7 +15,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import bench_layer_overhead, bench_trainer  # noqa: E402
 from benchmarks.bench_train_step import VARIANTS, add_peft_method  # noqa: E402
-
 from moslora_diffusion import moslora_layers  # noqa: E402
 
 
@@ -68,7 +67,9 @@ def test_trainer_report_gives_the_ratios_against_the_peer():
     report = json.loads((REPO / "benchmarks" / "results" / "trainer_sd1_tiny_cpu.json").read_text())
     text = bench_trainer.markdown(report)
     runs = report["runs"]
-    per_round = sorted(a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs["ours:uncached"], runs["peer:uncached"]))
+    per_round = sorted(
+        a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs["ours:uncached"], runs["peer:uncached"])
+    )
     line = next(line for line in text.splitlines() if line.startswith("| steps/s x peer's path"))
     assert f"| {per_round[len(per_round) // 2]:.2f} / " in line, line
     assert any(line.startswith("| class images x peer's path") for line in text.splitlines())

@@ -126,7 +126,9 @@ def test_inspect_reports_layout_family_ranks_and_mixers(capsys, adapter_dir):
 
 
 def test_inspect_checks_a_kohya_file_against_a_pipeline_folder(capsys, adapter_dir, pipelines):
-    code, out, _ = run_cli(capsys, "inspect", adapter_dir / KOHYA_WEIGHT_NAME, "--pretrained_model_name_or_path", pipelines["sd15"])
+    code, out, _ = run_cli(
+        capsys, "inspect", adapter_dir / KOHYA_WEIGHT_NAME, "--pretrained_model_name_or_path", pipelines["sd15"]
+    )
     assert code == 0
     assert "format:     kohya" in out and "fits:" in out and "no mixer" in out
 
@@ -149,13 +151,17 @@ def test_export_writes_the_same_files_as_save(capsys, adapter_dir, tmp_path):
 
 
 def test_export_layout_writes_each_layout_asked_for(capsys, adapter_dir, tmp_path):
-    code, out, _ = run_cli(capsys, "export", adapter_dir, "--layout", "onetrainer", "--layout", "kohya", "--output_dir", tmp_path)
+    code, out, _ = run_cli(
+        capsys, "export", adapter_dir, "--layout", "onetrainer", "--layout", "kohya", "--output_dir", tmp_path
+    )
     assert code == 0 and "onetrainer: " in out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ONETRAINER_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
     # SD 1.5 has no lora_transformer_: OneTrainer's layout is the kohya one.
     onetrainer, kohya = load_file(tmp_path / ONETRAINER_WEIGHT_NAME), load_file(tmp_path / KOHYA_WEIGHT_NAME)
     assert onetrainer.keys() == kohya.keys() and all(torch.equal(onetrainer[k], kohya[k]) for k in kohya)
-    code, _, err = run_cli(capsys, "export", adapter_dir, "--layout", "kohya", "--to", "kohya", "--output_dir", tmp_path / "x")
+    code, _, err = run_cli(
+        capsys, "export", adapter_dir, "--layout", "kohya", "--to", "kohya", "--output_dir", tmp_path / "x"
+    )
     assert_one_line_error(code, err, "give --layout or --to, not both")
 
 
@@ -222,7 +228,9 @@ def test_bad_files_give_one_line_and_exit_2(capsys, adapter_dir, tmp_path):
     truncated.write_bytes(good[: len(good) - 1000])
     nan_key, mixer_key = f"unet.{Q}.lora_B.weight", f"unet.{Q}.lora_mixer.weight"
     nan = _write_native_variant(adapter_dir, tmp_path, "nan.safetensors", lambda t: t[nan_key].fill_(float("nan")))
-    rank = _write_native_variant(adapter_dir, tmp_path, "rank.safetensors", lambda t: t.__setitem__(mixer_key, torch.eye(5)))
+    rank = _write_native_variant(
+        adapter_dir, tmp_path, "rank.safetensors", lambda t: t.__setitem__(mixer_key, torch.eye(5))
+    )
     cases = [
         (pickle_file, "only .safetensors files are accepted"),
         (garbage, "not a valid safetensors file"),
@@ -256,7 +264,9 @@ def test_module_entry_points(capsys, tmp_path, monkeypatch):
         runpy.run_module("moslora_diffusion.cli", run_name="__main__")
     assert exit_info.value.code == 2
     assert_one_line_error(2, capsys.readouterr().err, str(bad))
-    result = subprocess.run([sys.executable, "-m", "moslora_diffusion", "inspect", str(bad)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "moslora_diffusion", "inspect", str(bad)], capture_output=True, text=True, timeout=300
+    )
     assert_one_line_error(result.returncode, result.stderr, str(bad))
 
 

@@ -45,7 +45,9 @@ def _moslora_config(r: int, alpha: float, **overrides) -> dict:
     return config
 
 
-def _layer(out: int, inp: int, r: int, scale: float, conv: bool = False, mixer: bool = True, seed: int = 0) -> LayerFactors:
+def _layer(
+    out: int, inp: int, r: int, scale: float, conv: bool = False, mixer: bool = True, seed: int = 0
+) -> LayerFactors:
     g = torch.Generator().manual_seed(seed)
     a = torch.randn((r, inp, 1, 1) if conv else (r, inp), generator=g)
     b = torch.randn((out, r, 1, 1) if conv else (out, r), generator=g)
@@ -167,7 +169,10 @@ def test_kohya_file_has_one_alpha_per_module_and_a_lora_card():
     ],
 )
 def test_kohya_prefixes_per_family(family, components, expected_prefixes):
-    state = AdapterState({c: ComponentAdapter(_moslora_config(2, 2), {"block.proj": _layer(8, 8, 2, 1.0)}) for c in components}, family=family)
+    state = AdapterState(
+        {c: ComponentAdapter(_moslora_config(2, 2), {"block.proj": _layer(8, 8, 2, 1.0)}) for c in components},
+        family=family,
+    )
     tensors, _ = kohya_state_dict(state)
     prefixes = {k.split("block_proj")[0] for k in tensors}
     assert prefixes == expected_prefixes
@@ -264,10 +269,18 @@ Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     "corrupt, offending, message",
     [
         (lambda t: t.__setitem__(f"{Q}.lora_B.weight", torch.full((64, 4), float("nan"))), f"{Q}.lora_B.weight", "NaN"),
-        (lambda t: t.__setitem__(f"{Q}.lora_mixer.weight", torch.zeros(5, 5)), f"{Q}.lora_mixer.weight", "mixer must be 4 x 4"),
+        (
+            lambda t: t.__setitem__(f"{Q}.lora_mixer.weight", torch.zeros(5, 5)),
+            f"{Q}.lora_mixer.weight",
+            "mixer must be 4 x 4",
+        ),
         (lambda t: t.__setitem__(f"{Q}.lora_B.weight", torch.zeros(64, 3)), f"{Q}.lora_B.weight", "must share r"),
         (lambda t: t.pop(f"{Q}.lora_B.weight"), f"{Q}.lora_A.weight", "no up"),
-        (lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int64)), f"{Q}.lora_A.weight", "dtype"),
+        (
+            lambda t: t.__setitem__(f"{Q}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int64)),
+            f"{Q}.lora_A.weight",
+            "dtype",
+        ),
         (lambda t: t.__setitem__("unet.something.weight", torch.zeros(2)), "unet.something.weight", "unexpected key"),
     ],
 )
@@ -316,7 +329,9 @@ def test_future_native_versions_are_refused(tmp_path):
     header = json.loads(metadata[NATIVE_HEADER_KEY])
     header["format_version"] = FORMAT_VERSION + 1
     path = tmp_path / NATIVE_WEIGHT_NAME
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={NATIVE_HEADER_KEY: json.dumps(header)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={NATIVE_HEADER_KEY: json.dumps(header)}
+    )
     with pytest.raises(ValueError, match="upgrade moslora-diffusion"):
         read_adapter_file(path)
 

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_adapter
 from peft import LoraConfig
 from safetensors.torch import save_file
 from test_loaders import _checkpoint_param_name, _comfy_unet_config, _import_comfy, assert_images_equal, images
 from torch import nn
 
-from conftest import randomize_adapter
 from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.families import get_family
 from moslora_diffusion.formats import (
@@ -37,7 +37,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # alpha != r everywhere; plain LoRA with a rank_pattern and rsLoRA on CLIP, so the per-module scales differ.
 DENOISER = MoSLoRAConfig(r=4, lora_alpha=8, target_modules="attention+ff")
 CLIP = LoraConfig(
-    r=4, lora_alpha=3, use_rslora=True, rank_pattern={"k_proj": 2},
+    r=4,
+    lora_alpha=3,
+    use_rslora=True,
+    rank_pattern={"k_proj": 2},
     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
 )
 T5 = MoSLoRAConfig(r=2, lora_alpha=5)

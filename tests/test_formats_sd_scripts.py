@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from safetensors.torch import save_file
 from test_formats_diffusers_file import assert_relatively_close
 from test_loaders import _checkpoint_param_name, assert_images_equal, images
 from torch import nn
 
-from conftest import randomize_adapter
 from moslora_diffusion import MoSLoRAConfig, add_moslora
 from moslora_diffusion.families import get_family
 from moslora_diffusion.formats import KOHYA_WEIGHT_NAME, kohya_stem, read_adapter_file
@@ -162,7 +162,9 @@ def test_an_adapter_on_fluxs_final_layer_is_refused_and_the_kohya_file_falls_bac
     pipe = make_tiny_pipeline("flux")
     add_moslora(pipe.transformer, MoSLoRAConfig(r=2, target_modules=["to_q", "proj_out"]))  # the final layer too
     state = adapter_state_from_pipeline(pipe)
-    with pytest.raises(NoSdScriptsName, match="'proj_out' \\(flux final_layer.linear\\) has no place in sd-scripts' layout"):
+    with pytest.raises(
+        NoSdScriptsName, match="'proj_out' \\(flux final_layer.linear\\) has no place in sd-scripts' layout"
+    ):
         sd_scripts_state_dict(state, denoiser_config=dict(pipe.transformer.config))
     with caplog.at_level("WARNING"):
         save_moslora_weights(pipe, tmp_path)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from family_sets import UNET_FAMILIES
 from test_loaders import _comfy_unet_config, _import_comfy
 
-from family_sets import UNET_FAMILIES
 from moslora_diffusion.formats.sgm_names import sgm_module_names
 from moslora_diffusion.testing import make_tiny_pipeline
 

@@ -23,6 +23,7 @@ from moslora_diffusion.fileio import load_safetensors
 PAGE = 4096
 PROG = "train_dreambooth_moslora.py"
 
+
 def _can_mount() -> str | None:
     """None when a tmpfs can be mounted here, else the reason to skip."""
     if os.name != "posix" or os.geteuid() != 0:
@@ -30,7 +31,9 @@ def _can_mount() -> str | None:
     probe = Path(f"/tmp/moslora-tmpfs-probe-{os.getpid()}")
     probe.mkdir(exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             return f"mount -t tmpfs failed: {done.stderr.strip() or done.returncode}"
         subprocess.run(["umount", str(probe)], check=True)
@@ -42,7 +45,10 @@ def _can_mount() -> str | None:
 
 
 _SKIP = _can_mount()
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(_SKIP is not None, reason=f"no real full disk: {_SKIP}")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(_SKIP is not None, reason=f"no real full disk: {_SKIP}"),
+]
 
 
 def _pages(n: int) -> int:
@@ -76,7 +82,9 @@ def error_line(err: str) -> str:
 
 def _leftovers(folder: Path) -> list[str]:
     """Temporary files and folders a writer left (every writer writes to a temporary name first)."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith(".moslora-"))
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith(".moslora-")
+    )
 
 
 def _train_argv(out: Path, *extra: str) -> list[str]:
@@ -113,12 +121,16 @@ def test_a_real_full_disk_at_the_second_checkpoint_keeps_the_first_and_resumes(t
         assert not any(p.name.endswith(".lock") for p in out.iterdir()), "the output-folder lock was not released"
 
         remount(disk, size + 4 * reference_sizes["checkpoint"] + reference_sizes["adapters"])
-        argv = _train_argv(out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
+        argv = _train_argv(
+            out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"
+        )
         assert run_main(argv) == 0
         assert (out / "moslora_weights.safetensors").is_file() and (out / "checkpoint-3").is_dir()
 
 
-def test_a_real_full_disk_at_the_final_save_leaves_no_adapter_file_and_keeps_the_checkpoint(tmp_path, reference_sizes, capsys):
+def test_a_real_full_disk_at_the_final_save_leaves_no_adapter_file_and_keeps_the_checkpoint(
+    tmp_path, reference_sizes, capsys
+):
     # Room for the checkpoint of the last step and the small files, not for the three adapter files too.
     size = reference_sizes["checkpoint"] + reference_sizes["other"] + reference_sizes["adapters"] // 3 + 4 * PAGE
     with small_disk(tmp_path / "disk", size) as disk:
@@ -127,7 +139,9 @@ def test_a_real_full_disk_at_the_final_save_leaves_no_adapter_file_and_keeps_the
         line = error_line(capsys.readouterr().err)
         assert line.startswith(f"{PROG}: error: could not write ") and "No space left on device" in line, line
         assert not _leftovers(out)
-        assert (out / "checkpoint-1").is_dir() and load_safetensors(out / "checkpoint-1" / "adapter_unet.safetensors")[0]
+        assert (out / "checkpoint-1").is_dir() and load_safetensors(out / "checkpoint-1" / "adapter_unet.safetensors")[
+            0
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +153,9 @@ def trained_adapter(tmp_path_factory) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "moslora_diffusion", *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "moslora_diffusion", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
 
 
 def test_export_onto_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, trained_adapter):
@@ -173,14 +189,23 @@ def test_disk_caches_on_a_real_full_disk_warn_and_train_on(tmp_path, monkeypatch
     """A cache is an optimisation: entries that do not fit are a warning naming them, never half-written,
     and the run trains exactly as with in-memory caches."""
     reference = tmp_path / "reference"
-    assert run_main(_train_argv(reference, "--checkpointing_steps", "1000", "--cache_latents", "--cache_text_encoder_outputs")) == 0
+    assert (
+        run_main(
+            _train_argv(reference, "--checkpointing_steps", "1000", "--cache_latents", "--cache_text_encoder_outputs")
+        )
+        == 0
+    )
     with small_disk(tmp_path / "cache", 3 * PAGE) as cache:
         monkeypatch.setenv("MOSLORA_CACHE_DIR", str(cache))
         out = tmp_path / "out"
-        argv = _train_argv(out, "--checkpointing_steps", "1000", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk")
+        argv = _train_argv(
+            out, "--checkpointing_steps", "1000", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk"
+        )
         with caplog.at_level("WARNING"):
             assert run_main(argv) == 0
-        assert any("cache entry" in r.getMessage() and "No space left on device" in r.getMessage() for r in caplog.records)
+        assert any(
+            "cache entry" in r.getMessage() and "No space left on device" in r.getMessage() for r in caplog.records
+        )
         assert not _leftovers(cache), _leftovers(cache)
         for entry in cache.rglob("*.safetensors"):
             assert load_safetensors(entry)[0]  # whatever was written is whole

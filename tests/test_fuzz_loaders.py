@@ -107,7 +107,10 @@ def seeds(tmp_path_factory) -> Seeds:
         for model in (pipe.unet, pipe.text_encoder):
             for name, param in model.named_parameters():
                 if ".lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.1 + (torch.eye(param.shape[0]) if "mixer" in name else 0))
+                    param.copy_(
+                        torch.randn(param.shape, generator=g) * 0.1
+                        + (torch.eye(param.shape[0]) if "mixer" in name else 0)
+                    )
     folder = tmp_path_factory.mktemp("seed")
     paths = save_moslora_weights(pipe, folder, base_model="tiny/sd15")
     seeds = Seeds({layout: Path(path).read_bytes() for layout, path in paths.items()})
@@ -179,8 +182,21 @@ json_leaf = st.one_of(
     st.none(), st.booleans(), ints, st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
     st.sampled_from(["sd15", "sdxl", "flux", "kaiming", "identity", "to_q", ".*", "(", "unet", "q_proj"]),
 )  # fmt: skip
-json_values = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-SUFFIXES = [".lora_A.weight", ".lora_B.weight", ".lora_mixer.weight", ".lora_down.weight", ".lora_up.weight", ".alpha", ".weight", ""]
+json_values = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+SUFFIXES = [
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_mixer.weight",
+    ".lora_down.weight",
+    ".lora_up.weight",
+    ".alpha",
+    ".weight",
+    "",
+]
 MODULE_NAMES = ["unet.down_blocks.0.attentions.0.proj_in", "unet.nonexistent", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
                 "transformer.x", "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
                 "lora_unet_nothing", "lora_te2_x", "", "unet", "__metadata__"]  # fmt: skip
@@ -234,7 +250,11 @@ def tensor_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
     done = []
     for _ in range(draw(st.integers(1, 3))):
         keys = sorted(tensors)
-        kind = draw(st.sampled_from(["nan_inf", "dtype", "shape", "drop", "extra", "rank", "scale", "rename", "metadata", "metadata"]))
+        kind = draw(
+            st.sampled_from(
+                ["nan_inf", "dtype", "shape", "drop", "extra", "rank", "scale", "rename", "metadata", "metadata"]
+            )
+        )
         if kind in ("nan_inf", "dtype", "shape", "drop", "rank", "scale", "rename") and not keys:
             continue
         key = draw(st.sampled_from(keys)) if keys else None
@@ -254,7 +274,11 @@ def tensor_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
             name = draw(st.sampled_from(MODULE_NAMES)) + draw(st.sampled_from(SUFFIXES))
             if name == "__metadata__":
                 continue
-            source = tensors[key] if keys and draw(st.booleans()) else torch.randn(draw(st.lists(st.integers(0, 5), max_size=3)))
+            source = (
+                tensors[key]
+                if keys and draw(st.booleans())
+                else torch.randn(draw(st.lists(st.integers(0, 5), max_size=3)))
+            )
             tensors[name] = source.clone()
             key = name
         elif kind == "rank":
@@ -285,11 +309,13 @@ def tensor_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
             elif action == "drop_one" and metadata:
                 metadata.pop(draw(st.sampled_from(sorted(metadata))))
             elif action == "family":
-                metadata[draw(st.sampled_from(["moslora.family", "ss_base_model_version", "moslora.base_model"]))] = draw(
-                    st.sampled_from(["sdxl", "sd15", "nope", "", "sdxl_base_v1-0", "sd_v1"])
+                metadata[draw(st.sampled_from(["moslora.family", "ss_base_model_version", "moslora.base_model"]))] = (
+                    draw(st.sampled_from(["sdxl", "sd15", "nope", "", "sdxl_base_v1-0", "sd_v1"]))
                 )
             else:
-                metadata[draw(st.sampled_from(["moslora", "lora_adapter_metadata", "format", "x"]))] = draw(st.text(max_size=8))
+                metadata[draw(st.sampled_from(["moslora", "lora_adapter_metadata", "format", "x"]))] = draw(
+                    st.text(max_size=8)
+                )
             key = action
         done.append(f"{kind} {key}")
     try:
@@ -310,7 +336,9 @@ def metadata_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
             done.append(draw(native_header_edit(metadata)))
         else:
             key = draw(st.sampled_from(["moslora.family", "ss_base_model_version", "moslora.base_model", "format"]))
-            metadata[key] = draw(st.sampled_from(["sdxl", "sd15", "flux", "nope", "", "sdxl_base_v1-0", "sd_v1", "[1]"]))
+            metadata[key] = draw(
+                st.sampled_from(["sdxl", "sd15", "flux", "nope", "", "sdxl_base_v1-0", "sd_v1", "[1]"])
+            )
             done.append(f"metadata {key!r} = {metadata[key]!r}")
     return save_safetensors_bytes(load_safetensors_bytes(raw), metadata=metadata or None), done
 
@@ -323,7 +351,9 @@ def header_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
     length_error = 0
     for _ in range(draw(st.integers(1, 3))):
         names = sorted(k for k in header if k != "__metadata__")
-        kind = draw(st.sampled_from(["dtype", "shape", "offsets", "drop", "duplicate", "entry", "metadata", "length", "top"]))
+        kind = draw(
+            st.sampled_from(["dtype", "shape", "offsets", "drop", "duplicate", "entry", "metadata", "length", "top"])
+        )
         name = draw(st.sampled_from(names)) if names else None
         entry = header.get(name) if name else None
         if kind == "dtype" and isinstance(entry, dict):
@@ -331,7 +361,11 @@ def header_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
         elif kind == "shape" and isinstance(entry, dict):
             entry["shape"] = draw(st.one_of(st.lists(ints, max_size=4), json_leaf))
         elif kind == "offsets" and isinstance(entry, dict):
-            begin, end = entry["data_offsets"] if isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 else (0, 0)
+            begin, end = (
+                entry["data_offsets"]
+                if isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                else (0, 0)
+            )
             entry["data_offsets"] = draw(st.sampled_from([
                 [end, begin], [begin, end + 4], [begin, 2**62], [2**63, 2**64 - 1], [-8, end], [0, len(data)],
                 [0, 0], [begin], [begin, end, end], "0,4", [begin + 0.5, end], [begin, len(data) + 1],
@@ -355,7 +389,10 @@ def header_level(draw, raw: bytes) -> tuple[bytes, list[str]]:
             break
         else:
             continue
-        done.append(f"header {kind}" + (f" of {name}" if kind in ("dtype", "shape", "offsets", "drop", "duplicate", "entry") else ""))
+        done.append(
+            f"header {kind}"
+            + (f" of {name}" if kind in ("dtype", "shape", "offsets", "drop", "duplicate", "entry") else "")
+        )
     return join_file(header, data, length_error), done
 
 
@@ -398,7 +435,9 @@ def hostile_files(draw, seeds: dict[str, bytes]) -> Case:
     """A mutated seed file. About one case in nine is left unchanged."""
     layout = draw(st.sampled_from(sorted(seeds)))
     raw = seeds[layout]
-    level = draw(st.sampled_from(["tensor", "tensor", "tensor", "header", "header", "metadata", "metadata", "bytes", "none"]))
+    level = draw(
+        st.sampled_from(["tensor", "tensor", "tensor", "header", "header", "metadata", "metadata", "bytes", "none"])
+    )
     if level == "tensor":
         data, done = draw(tensor_level(raw))
     elif level == "metadata":
@@ -494,7 +533,12 @@ def assert_sound_state(state) -> None:
         for name in ("lora_A", "lora_B", "mixer"):
             t = getattr(layer, name)
             if t is not None:
-                assert t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64), (component, path, name, t.dtype)
+                assert t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64), (
+                    component,
+                    path,
+                    name,
+                    t.dtype,
+                )
                 assert bool(torch.isfinite(t).all()), (component, path, name)
         assert math.isfinite(layer.scale), (component, path, layer.scale)
 
@@ -509,7 +553,9 @@ def reference_state(path: Path):
 
 def pipeline_models(pipe) -> tuple[type, dict]:
     family = family_of_pipeline(pipe)
-    return family, {name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None}
+    return family, {
+        name: getattr(pipe, name) for name in family.adapter_components() if getattr(pipe, name, None) is not None
+    }
 
 
 def adapted_modules(pipe, adapter_name: str) -> set[str]:
@@ -588,7 +634,7 @@ def test_moslora_export(seeds, data):
             return
         source = deltas_by_stem(read_adapter_file(path))
         written = {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
-        for layout_name in (("diffusers", "kohya") if to == "both" else (to,)):
+        for layout_name in ("diffusers", "kohya") if to == "both" else (to,):
             exported = read_adapter_file(out_dir / written[layout_name])
             assert_sound_state(exported)
             got = deltas_by_stem(exported)
@@ -605,7 +651,9 @@ def test_load_moslora_weights(seeds, target, data):
     trainable = data.draw(st.integers(0, 4), label="trainable") == 0
     with case_file(case) as path:
         try:
-            loaded = expect_loads_or_value_error("load", path, lambda: load_moslora_weights(target_pipe, path, adapter_name="fuzz", trainable=trainable))
+            loaded = expect_loads_or_value_error(
+                "load", path, lambda: load_moslora_weights(target_pipe, path, adapter_name="fuzz", trainable=trainable)
+            )
             if loaded is None:
                 assert not adapted_modules(target_pipe, "fuzz"), "a refused file left a half-loaded adapter"
                 return
@@ -624,7 +672,9 @@ def _delete_adapter(pipe, adapter_name: str) -> None:
     _, models = pipeline_models(pipe)
     for model in models.values():
         if adapter_name in (getattr(model, "peft_config", None) or {}):
-            model.delete_adapters(adapter_name) if hasattr(model, "delete_adapters") else model.delete_adapter(adapter_name)
+            model.delete_adapters(adapter_name) if hasattr(model, "delete_adapters") else model.delete_adapter(
+                adapter_name
+            )
 
 
 @given(data=st.data())
@@ -647,7 +697,11 @@ def test_merge_adapters(seeds, merge_target, data):
             for component, module_path, layer in state.layer_items():
                 key = f"{model_module_path(models[component], module_path)}.weight"
                 expected.add(f"{component}.{key}")
-                assert_close(after[component][key].double() - before[component][key].double(), layer.delta_weight(), f"{component}.{key}")
+                assert_close(
+                    after[component][key].double() - before[component][key].double(),
+                    layer.delta_weight(),
+                    f"{component}.{key}",
+                )
             assert changed <= expected, f"weights the file does not adapt changed: {sorted(changed - expected)[:3]}"
         finally:
             for component, model in models.items():

@@ -16,7 +16,9 @@ from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
 
 def adapted_components(pipe):
     family = family_of_pipeline(pipe)
-    return [(name, getattr(pipe, name)) for name in family.adapter_components() if getattr(pipe, name, None) is not None]
+    return [
+        (name, getattr(pipe, name)) for name in family.adapter_components() if getattr(pipe, name, None) is not None
+    ]
 
 
 def reference_output(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -35,10 +37,20 @@ def reference_output(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "family,preset",
-    [("sd15", "attention"), ("sd15", "attention+ff"), ("sd2", "attention"), ("sdxl", "attention"),
-     ("sd3", "attention+ff"), ("flux", "attention+ff"), ("chroma", "attention+ff"),
-     ("zimage", "attention+ff"), ("qwenimage", "attention+ff"), ("flux2_klein", "attention"),
-     ("flux2_klein", "attention+ff"), ("flux2", "attention")],
+    [
+        ("sd15", "attention"),
+        ("sd15", "attention+ff"),
+        ("sd2", "attention"),
+        ("sdxl", "attention"),
+        ("sd3", "attention+ff"),
+        ("flux", "attention+ff"),
+        ("chroma", "attention+ff"),
+        ("zimage", "attention+ff"),
+        ("qwenimage", "attention+ff"),
+        ("flux2_klein", "attention"),
+        ("flux2_klein", "attention+ff"),
+        ("flux2", "attention"),
+    ],
 )
 def test_every_adapted_layer_computes_w0x_plus_sBMAx(family, preset):
     pipe = make_tiny_pipeline(family)
@@ -53,8 +65,13 @@ def test_every_adapted_layer_computes_w0x_plus_sBMAx(family, preset):
             else:
                 x = torch.randn(1, base.in_channels, 4, 4)
             with torch.no_grad():
-                torch.testing.assert_close(layer(x), reference_output(layer, "subject", x), rtol=1e-5, atol=1e-5,
-                                           msg=f"{family} {name}.{module_name}")
+                torch.testing.assert_close(
+                    layer(x),
+                    reference_output(layer, "subject", x),
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=f"{family} {name}.{module_name}",
+                )
             checked += 1
     assert checked > 0
     if preset == "attention+ff" and family == "sd15":
@@ -64,7 +81,9 @@ def test_every_adapted_layer_computes_w0x_plus_sBMAx(family, preset):
 def test_presets_pick_the_families_attention_projections():
     pipe = make_tiny_pipeline("sd3")
     add_moslora(pipe.transformer, MoSLoRAConfig(r=2), "a")
-    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in moslora_layers(pipe.transformer)}
+    names = {
+        n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in moslora_layers(pipe.transformer)
+    }
     assert names == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
     add_moslora(pipe.text_encoder, MoSLoRAConfig(r=2), "a")
     te_names = {n.rsplit(".", 1)[-1] for n, _ in moslora_layers(pipe.text_encoder)}
@@ -80,7 +99,11 @@ def test_frozen_identity_mixer_equals_peft_lora_with_same_factors():
     unet_mos = pipe.unet
     unet_lora = copy.deepcopy(unet_mos)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    add_moslora(unet_mos, MoSLoRAConfig(r=4, lora_alpha=8, target_modules=targets, mixer_init="identity", train_mixer=False), "x")
+    add_moslora(
+        unet_mos,
+        MoSLoRAConfig(r=4, lora_alpha=8, target_modules=targets, mixer_init="identity", train_mixer=False),
+        "x",
+    )
     unet_lora.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets), "x")
     randomize_adapter(unet_lora, "x")
     # copy A and B from the PEFT LoRA model; the MoSLoRA mixer stays the identity
@@ -115,14 +138,15 @@ def test_kaiming_folded_is_the_init_only_control():
     for init in ("kaiming", "kaiming_folded"):
         unet = make_tiny_pipeline("sd15").unet
         torch.manual_seed(3)
-        add_moslora(unet, MoSLoRAConfig(r=4, target_modules=["to_q"], mixer_init=init, train_mixer=init == "kaiming"), "x")
+        add_moslora(
+            unet, MoSLoRAConfig(r=4, target_modules=["to_q"], mixer_init=init, train_mixer=init == "kaiming"), "x"
+        )
         layers[init] = moslora_layers(unet)
     for (_, mos), (_, folded) in zip(layers["kaiming"], layers["kaiming_folded"]):
         m0, a0 = mos.lora_mixer["x"].weight, mos.lora_A["x"].weight
         torch.testing.assert_close(folded.lora_A["x"].weight, m0 @ a0)
         torch.testing.assert_close(folded.lora_mixer["x"].weight, torch.eye(4))
         assert not folded.lora_mixer["x"].weight.requires_grad
-
 
 
 @pytest.mark.parametrize("train_mixer", [True, False])
@@ -180,7 +204,9 @@ def test_forward_and_gradients_are_exact_whichever_order_applies_the_mixer(name,
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     weights = torch.randn(out.shape)
-    for got, want in zip(torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)):
+    for got, want in zip(
+        torch.autograd.grad((out * weights).sum(), params), torch.autograd.grad((ref * weights).sum(), params)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -202,7 +228,11 @@ def test_forward_under_autocast_and_with_dropout_matches_the_reference():
     torch.manual_seed(1)
     x_dropped = layer.lora_dropout["x"](x)
     base = layer.get_base_layer()
-    want = reference_output(layer, "x", x_dropped) - F.linear(x_dropped, base.weight, base.bias) + F.linear(x, base.weight, base.bias)
+    want = (
+        reference_output(layer, "x", x_dropped)
+        - F.linear(x_dropped, base.weight, base.bias)
+        + F.linear(x, base.weight, base.bias)
+    )
     torch.testing.assert_close(dropped, want, rtol=1e-5, atol=1e-5)
 
 
@@ -323,4 +353,6 @@ def test_moslora_after_a_plain_lora_on_the_same_layers():
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), "plain")
     add_moslora(unet, MoSLoRAConfig(r=4, target_modules=["to_q"]), "mos")
     layers = list(moslora_layers(unet))
-    assert layers and all(set(layer.lora_A) == {"plain", "mos"} and set(layer.lora_mixer) == {"mos"} for _, layer in layers)
+    assert layers and all(
+        set(layer.lora_A) == {"plain", "mos"} and set(layer.lora_mixer) == {"mos"} for _, layer in layers
+    )

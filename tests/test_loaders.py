@@ -15,6 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from family_sets import (
+    CLIENT_FAMILIES,
+    DIFFUSERS_KOHYA_FAMILIES,
+    SD_SCRIPTS_FAMILIES,
+    TRANSFORMER_FAMILIES,
+    UNET_FAMILIES,
+)
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,7 +38,6 @@ from moslora_diffusion.formats import (
 )
 from moslora_diffusion.loaders import load_moslora_weights, save_moslora_weights
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
-from family_sets import CLIENT_FAMILIES, DIFFUSERS_KOHYA_FAMILIES, SD_SCRIPTS_FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES
 
 ATOL = 1e-4  # fp32 images in [0, 1]
 
@@ -138,7 +144,10 @@ def test_stock_diffusers_picks_the_folded_file_from_the_folder(saved):
     assert _best_guess_weight_name(str(directory)) == DIFFUSERS_WEIGHT_NAME
 
 
-@pytest.mark.parametrize("family, weight_name", [(f, KOHYA_WEIGHT_NAME) for f in DIFFUSERS_KOHYA_FAMILIES] + [("flux", ONETRAINER_WEIGHT_NAME)])
+@pytest.mark.parametrize(
+    "family, weight_name",
+    [(f, KOHYA_WEIGHT_NAME) for f in DIFFUSERS_KOHYA_FAMILIES] + [("flux", ONETRAINER_WEIGHT_NAME)],
+)
 def test_stock_diffusers_loads_the_kohya_file(saved, family, weight_name):
     """Flux's kohya file (sd-scripts' names) is read by stock diffusers in test_formats_sd_scripts.py, without
     single blocks: diffusers splits their linear1 with FLUX.1's own sizes, which a tiny model lacks."""
@@ -176,7 +185,9 @@ def layout_of_file(family: str, weight_name: str) -> str:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("weight_name", [NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, ONETRAINER_WEIGHT_NAME])
+@pytest.mark.parametrize(
+    "weight_name", [NATIVE_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, ONETRAINER_WEIGHT_NAME]
+)
 def test_load_moslora_weights_folded(saved, family, weight_name):
     s = saved(family)
     pipe = make_tiny_pipeline(family)
@@ -214,7 +225,9 @@ def test_load_trainable_from_a_kohya_file_starts_from_an_identity_mixer(saved):
 
 def test_plain_lora_adapters_save_and_load_too(tmp_path):
     pipe = make_tiny_pipeline("sd15")
-    config = LoraConfig(r=4, lora_alpha=3, target_modules=["to_q", "to_k", "to_v", "to_out.0"], rank_pattern={"attn2.to_k": 2})
+    config = LoraConfig(
+        r=4, lora_alpha=3, target_modules=["to_q", "to_k", "to_v", "to_out.0"], rank_pattern={"attn2.to_k": 2}
+    )
     pipe.unet.add_adapter(config, adapter_name="default")
     randomize_adapter(pipe.unet, "default", seed=7)
     live = images(pipe, "sd15")
@@ -290,7 +303,9 @@ def test_sgm_named_sdxl_kohya_keys_load_exactly(saved, tmp_path):
     s = saved("sdxl")
     pipe = make_tiny_pipeline("sdxl")
     paths = [name for name, _ in pipe.unet.named_modules()]
-    to_sgm = {p.replace(".", "_"): sgm.replace(".", "_") for sgm, p in sgm_module_names(pipe.unet.config, paths).items()}
+    to_sgm = {
+        p.replace(".", "_"): sgm.replace(".", "_") for sgm, p in sgm_module_names(pipe.unet.config, paths).items()
+    }
     tensors = {}
     for key, tensor in load_file(s.directory / KOHYA_WEIGHT_NAME).items():
         stem, _, suffix = key.partition(".")
@@ -369,8 +384,16 @@ def _comfy_unet_config(config) -> dict:
     per_level = config.transformer_layers_per_block
     per_level = [per_level] * n if isinstance(per_level, int) else list(per_level)
     layers = config.layers_per_block
-    down = [d for i, kind in enumerate(config.down_block_types) for d in [per_level[i] if "CrossAttn" in kind else 0] * layers]
-    up = [d for level in range(n) for d in [per_level[level] if "CrossAttn" in config.up_block_types[n - 1 - level] else 0] * (layers + 1)]
+    down = [
+        d
+        for i, kind in enumerate(config.down_block_types)
+        for d in [per_level[i] if "CrossAttn" in kind else 0] * layers
+    ]
+    up = [
+        d
+        for level in range(n)
+        for d in [per_level[level] if "CrossAttn" in config.up_block_types[n - 1 - level] else 0] * (layers + 1)
+    ]
     return {
         "num_res_blocks": [layers] * n,
         "channel_mult": [1] * n,
@@ -396,7 +419,9 @@ def test_comfyui_loads_the_kohya_file(saved, family, weight_name, caplog):
     unet_config = _comfy_unet_config(pipe.unet.config)
     diffusers_to_ldm = comfy.utils.unet_to_diffusers(unet_config)
     targets = {f"diffusion_model.{ldm}": (pipe.unet, name) for name, ldm in diffusers_to_ldm.items()}
-    fake_unet = SimpleNamespace(state_dict=lambda: dict.fromkeys(targets), model_config=SimpleNamespace(unet_config=unet_config))
+    fake_unet = SimpleNamespace(
+        state_dict=lambda: dict.fromkeys(targets), model_config=SimpleNamespace(unet_config=unet_config)
+    )
     key_map = comfy.lora.model_lora_keys_unet(fake_unet, {})
     clips = {"sd15": {"clip_l": "text_encoder"}, "sd2": {"clip_h": "text_encoder"}}.get(
         family, {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
@@ -443,7 +468,9 @@ def test_lycoris_merges_the_kohya_file(saved, family, weight_name, monkeypatch):
     encoders = [te if hasattr(te, "text_model") else _WithTextModel(te) for te in encoders]
     text_encoder = encoders if len(encoders) > 1 else encoders[0]
     file = s.directory / weight_name
-    network, weights = lycoris_kohya.create_network_from_weights(1.0, str(file), None, text_encoder, pipe.unet, for_inference=True)
+    network, weights = lycoris_kohya.create_network_from_weights(
+        1.0, str(file), None, text_encoder, pipe.unet, for_inference=True
+    )
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in load_file(file)})
     network.merge_to(text_encoder, pipe.unet, weights, torch.float32, "cpu")
     assert_images_equal(images(pipe, family), s.live)
@@ -471,7 +498,11 @@ def test_transformer_kohya_style_files_follow_comfyuis_key_rule(saved, family):
     assert stems <= modules.keys()
     with torch.no_grad():
         for stem in stems:
-            down, up, alpha = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"], lora[f"{stem}.alpha"].item()
+            down, up, alpha = (
+                lora[f"{stem}.lora_down.weight"],
+                lora[f"{stem}.lora_up.weight"],
+                lora[f"{stem}.alpha"].item(),
+            )
             modules[stem].weight += alpha / down.shape[0] * (up @ down)
     assert_images_equal(images(pipe, family), s.live)
 

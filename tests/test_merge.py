@@ -19,8 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora, fold_mixer_into_lora_b
-from moslora_diffusion.families import family_of_pipeline, get_family
 from moslora_diffusion.cli import main as moslora_main
+from moslora_diffusion.families import family_of_pipeline, get_family
 from moslora_diffusion.merge import AdapterSpec, merge_adapters, merge_checkpoint, parse_adapter_spec
 from moslora_diffusion.targets import resolve_target_modules
 from moslora_diffusion.testing import make_tiny_pipeline, tiny_pipeline_kwargs
@@ -207,7 +207,11 @@ def test_merged_folder_matches_stock_lora_images(family, weights, tiny_base, lor
 
     expected = images(stock_reference_pipeline(base, adapters), family)
     merged_pipe = DiffusionPipeline.from_pretrained(output)
-    assert not any(isinstance(m, BaseTunerLayer) for c in adapted_components(merged_pipe) for m in getattr(merged_pipe, c).modules())
+    assert not any(
+        isinstance(m, BaseTunerLayer)
+        for c in adapted_components(merged_pipe)
+        for m in getattr(merged_pipe, c).modules()
+    )
     got = images(merged_pipe, family)
     assert abs(got - expected).max() <= 1e-4
     assert abs(images(DiffusionPipeline.from_pretrained(base), family) - expected).max() > 1e-2  # the adapters matter
@@ -289,7 +293,11 @@ def test_sd_scripts_and_diffusers_files_of_sd3_and_flux_merge_like_the_native_fi
     save_moslora_weights(pipe, tmp_path)
     merged = {
         name: merge_adapters(DiffusionPipeline.from_pretrained(tiny_base(family)), [tmp_path / name])
-        for name in ("moslora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "pytorch_lora_weights.safetensors")
+        for name in (
+            "moslora_weights.safetensors",
+            "pytorch_lora_weights_kohya.safetensors",
+            "pytorch_lora_weights.safetensors",
+        )
     }
     reference = merged.pop("moslora_weights.safetensors")
     for name, other in merged.items():
@@ -310,7 +318,9 @@ def _sgm_kohya_twin(diffusers_file: Path, unet_config: dict, alpha: float, targe
     from moslora_diffusion.single_file import _apply_rules, _unet_rules
 
     tensors = load_file(diffusers_file)
-    unet_weights = [k.removeprefix("unet.").partition(".lora_")[0] + ".weight" for k in tensors if k.startswith("unet.")]
+    unet_weights = [
+        k.removeprefix("unet.").partition(".lora_")[0] + ".weight" for k in tensors if k.startswith("unet.")
+    ]
     rules = [(re.compile(rule[0]), *rule[1:]) for rule in _unet_rules(unet_weights, unet_config)]
     kohya = {}
     for key, value in tensors.items():
@@ -319,7 +329,11 @@ def _sgm_kohya_twin(diffusers_file: Path, unet_config: dict, alpha: float, targe
         if component == "unet":
             stem = "lora_unet_" + _apply_rules(rules, f"{module}.weight", "unet")[0].removesuffix(".weight")
         else:
-            stem = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component] + "text_model." + module.removeprefix("text_model.")
+            stem = (
+                {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
+                + "text_model."
+                + module.removeprefix("text_model.")
+            )
         stem = stem.replace(".", "_")
         kohya[f"{stem}.lora_down.weight" if factor.startswith("A") else f"{stem}.lora_up.weight"] = value
         kohya[f"{stem}.alpha"] = torch.tensor(float(alpha))
@@ -332,7 +346,12 @@ def test_lora_only_diffusers_reads_merges_through_its_loader(tiny_base, lora_fil
 
     # load_moslora_weights cannot place SGM-named kohya keys; diffusers' own loader can, and is tried next.
     base = tiny_base("sdxl")
-    twin = _sgm_kohya_twin(lora_file("sdxl"), json.loads((base / "unet" / "config.json").read_text()), 8, tmp_path / "sgm_kohya.safetensors")
+    twin = _sgm_kohya_twin(
+        lora_file("sdxl"),
+        json.loads((base / "unet" / "config.json").read_text()),
+        8,
+        tmp_path / "sgm_kohya.safetensors",
+    )
     assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(twin))
     got = merge_adapters(DiffusionPipeline.from_pretrained(base), [(twin, 0.7)])
     expected = merge_adapters(DiffusionPipeline.from_pretrained(base), [(lora_file("sdxl"), 0.7)])
@@ -354,14 +373,20 @@ def test_half_precision_outputs_are_the_fp32_merge_rounded(tiny_base, lora_file,
     merge_checkpoint(base, adapters, tmp_path / "fp32", dtype="fp32")
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         merge_checkpoint(base, adapters, tmp_path / name, dtype=name)
-        for file in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        for file in (
+            "unet/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ):
             full, half = load_file(tmp_path / "fp32" / file), load_file(tmp_path / name / file)
             assert full.keys() == half.keys()
             for key, value in full.items():
                 assert half[key].dtype == dtype
                 # fp32 maths then one rounding: exactly the fp32 result cast, so within half an ulp of it.
                 assert torch.equal(half[key], value.to(dtype)), key
-                assert ((half[key].float() - value).abs() <= torch.finfo(dtype).eps * value.abs() + torch.finfo(dtype).tiny).all()
+                assert (
+                    (half[key].float() - value).abs() <= torch.finfo(dtype).eps * value.abs() + torch.finfo(dtype).tiny
+                ).all()
         pipe = DiffusionPipeline.from_pretrained(tmp_path / name, torch_dtype=dtype)
         assert pipe.unet.dtype == dtype and pipe.text_encoder.dtype == dtype
 
@@ -403,7 +428,9 @@ def test_sharded_base_stays_sharded(tiny_base, lora_file, tmp_path):
 
 
 @pytest.mark.parametrize("output_name", ["out", "out.safetensors"])
-def test_failure_midway_leaves_nothing_and_keeps_the_old_output(output_name, tiny_base, lora_file, tmp_path, monkeypatch, capsys):
+def test_failure_midway_leaves_nothing_and_keeps_the_old_output(
+    output_name, tiny_base, lora_file, tmp_path, monkeypatch, capsys
+):
     from moslora_diffusion.merge.base_weights import MergedTensors
 
     base, output = tiny_base("sd15"), tmp_path / output_name
@@ -458,13 +485,29 @@ def _bad_inputs(tiny_base, lora_file, tmp_path):
             ["--base", str(tiny_base("flux")), "--adapter", str(lora_file("flux")), "--components", "text_encoder_2"],
             "change none of these",
         ),
-        "unwritable output": (["--base", sd15, "--adapter", good, "--output", str(not_a_folder / "out")], "is not a folder"),
-        "existing output": (["--base", sd15, "--adapter", good, "--output", str(not_a_folder.parent)], "already exists"),
+        "unwritable output": (
+            ["--base", sd15, "--adapter", good, "--output", str(not_a_folder / "out")],
+            "is not a folder",
+        ),
+        "existing output": (
+            ["--base", sd15, "--adapter", good, "--output", str(not_a_folder.parent)],
+            "already exists",
+        ),
         "output inside base": (["--base", sd15, "--adapter", good, "--output", f"{sd15}/merged"], "overlaps"),
-        "pickle single file": (["--base", sd15, "--adapter", good, "--output", str(tmp_path / "out.ckpt")], ".safetensors"),
+        "pickle single file": (
+            ["--base", sd15, "--adapter", good, "--output", str(tmp_path / "out.ckpt")],
+            ".safetensors",
+        ),
         "missing base": (["--base", str(tmp_path / "no_base"), "--adapter", good], "no such folder"),
         "text encoder into a flux single file": (
-            ["--base", str(tiny_base("flux")), "--adapter", str(lora_file("flux")), "--output", str(tmp_path / "flux.safetensors")],
+            [
+                "--base",
+                str(tiny_base("flux")),
+                "--adapter",
+                str(lora_file("flux")),
+                "--output",
+                str(tmp_path / "flux.safetensors"),
+            ],
             "text_encoder",
         ),
     }

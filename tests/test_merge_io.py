@@ -45,7 +45,9 @@ def test_streaming_writer_output_reads_back_with_safetensors(tmp_path):
 
 def test_streaming_writer_refuses_a_tensor_unlike_its_declaration(tmp_path):
     with pytest.raises(ValueError, match="declared"):
-        write_safetensors_streaming(tmp_path / "x.safetensors", [("a", torch.float16, (2,))], lambda name: torch.zeros(2))
+        write_safetensors_streaming(
+            tmp_path / "x.safetensors", [("a", torch.float16, (2,))], lambda name: torch.zeros(2)
+        )
 
 
 def test_reader_reads_library_files_one_tensor_at_a_time(tmp_path):

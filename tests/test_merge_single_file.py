@@ -10,13 +10,18 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import single_file_utils
+from family_sets import LDM_FAMILIES, SINGLE_FILE_FAMILIES, UNET_FAMILIES
 from safetensors.torch import load_file
 from test_merge import make_lora_file  # the shared helpers live in test_merge.py
 
 from moslora_diffusion.merge import merge_adapters, merge_checkpoint
-from moslora_diffusion.single_file import SINGLE_FILE_LAYOUTS, original_layout, single_file_components, to_original_state_dict
+from moslora_diffusion.single_file import (
+    SINGLE_FILE_LAYOUTS,
+    original_layout,
+    single_file_components,
+    to_original_state_dict,
+)
 from moslora_diffusion.testing import make_tiny_pipeline
-from family_sets import LDM_FAMILIES, SINGLE_FILE_FAMILIES, UNET_FAMILIES
 
 
 def _flux_converter_for_width(inner_dim: int):
@@ -117,16 +122,22 @@ def test_sdxl_single_file_loads_with_stock_from_single_file(merged_single_files)
     # diffusers tells the two CLIPs of a single file apart by their width; the tiny ones are equally wide,
     # so the OpenCLIP one is converted and passed in (real SDXL's 768 vs 1280 need no help).
     text_encoder_2 = type(expected.text_encoder_2).from_pretrained(base, subfolder="text_encoder_2")
-    converted = single_file_utils.convert_open_clip_checkpoint(text_encoder_2, load_file(single_file), prefix="conditioner.embedders.1.model.")
+    converted = single_file_utils.convert_open_clip_checkpoint(
+        text_encoder_2, load_file(single_file), prefix="conditioner.embedders.1.model."
+    )
     text_encoder_2.load_state_dict(converted, strict=True)
-    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(str(single_file), config=str(base), text_encoder_2=text_encoder_2)
+    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
+        str(single_file), config=str(base), text_encoder_2=text_encoder_2
+    )
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         _assert_same_weights(getattr(pipe, component), getattr(expected, component), component)
 
 
 def test_sd3_single_file_loads_transformer_and_vae(merged_single_files):
     base, single_file, expected = merged_single_files("sd3")
-    transformer = diffusers.SD3Transformer2DModel.from_single_file(str(single_file), config=str(base), subfolder="transformer")
+    transformer = diffusers.SD3Transformer2DModel.from_single_file(
+        str(single_file), config=str(base), subfolder="transformer"
+    )
     vae = diffusers.AutoencoderKL.from_single_file(str(single_file), config=str(base), subfolder="vae")
     _assert_same_weights(transformer, expected.transformer, "transformer")
     _assert_same_weights(vae, expected.vae, "vae")
@@ -140,7 +151,9 @@ def test_flux_single_file_loads_transformer(merged_single_files, monkeypatch):
     mapping = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
     mapping["checkpoint_mapping_fn"] = _flux_converter_for_width(expected.transformer.inner_dim)
     monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", mapping)
-    transformer = diffusers.FluxTransformer2DModel.from_single_file(str(single_file), config=str(base), subfolder="transformer")
+    transformer = diffusers.FluxTransformer2DModel.from_single_file(
+        str(single_file), config=str(base), subfolder="transformer"
+    )
     _assert_same_weights(transformer, expected.transformer, "transformer")
     assert not any(k.startswith("model.diffusion_model.") for k in load_file(single_file))  # flux1-dev's bare names
 
@@ -189,10 +202,17 @@ def test_comfyui_converts_vae_and_open_clip_as_we_do(merged_single_files):
 
     # ComfyUI's VAE converter is written for SD's four-level VAE: compare on one (the tiny VAE has two).
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
     )
     state = vae.state_dict()
-    layout = original_layout("sd15", {"unet": [], "vae": list(state), "text_encoder": []}, {"vae": vae.config, "unet": {"layers_per_block": 1}})
+    layout = original_layout(
+        "sd15",
+        {"unet": [], "vae": list(state), "text_encoder": []},
+        {"vae": vae.config, "unet": {"layers_per_block": 1}},
+    )
     ours = {t.name.removeprefix("first_stage_model."): t.build([state[k] for _, k in t.sources]) for t in layout}
     theirs = comfy.diffusers_convert.convert_vae_state_dict(state)
     assert ours.keys() == theirs.keys()

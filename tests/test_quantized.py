@@ -7,7 +7,6 @@ directly: diffusers only loads bitsandbytes on a GPU). Each test skips when its 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest

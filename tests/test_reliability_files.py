@@ -51,7 +51,10 @@ def adapter_dir(tmp_path_factory) -> Path:
         for model in (pipe.unet, pipe.text_encoder):
             for name, param in model.named_parameters():
                 if ".lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.1 + (torch.eye(param.shape[0]) if "mixer" in name else 0))
+                    param.copy_(
+                        torch.randn(param.shape, generator=g) * 0.1
+                        + (torch.eye(param.shape[0]) if "mixer" in name else 0)
+                    )
     directory = tmp_path_factory.mktemp("adapter")
     save_moslora_weights(pipe, directory, base_model="tiny/sd15")
     return directory
@@ -67,7 +70,9 @@ def pipe():
     return make_tiny_pipeline("sd15")
 
 
-def variant(adapter_dir: Path, tmp_path: Path, layout: str, change=None, metadata_change=None, name: str = "variant.safetensors") -> Path:
+def variant(
+    adapter_dir: Path, tmp_path: Path, layout: str, change=None, metadata_change=None, name: str = "variant.safetensors"
+) -> Path:
     """A copy of one of the adapter's files with its tensors (dict) and/or metadata (dict) changed in place."""
     if layout == "diffusers":
         # The PEFT-keyed form (diffusers' own files; SD 1.5's diffusers file holds kohya keys since issue 16).
@@ -135,7 +140,9 @@ def _evil_pickle(path: Path, marker: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["adapter.bin", "adapter.pt", "adapter.ckpt", "adapter.pth", "pytorch_lora_weights.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["adapter.bin", "adapter.pt", "adapter.ckpt", "adapter.pth", "pytorch_lora_weights.safetensors"]
+)
 def test_pickled_adapters_are_refused_by_every_entry_point(name, tmp_path, tiny_base, capsys):
     marker = tmp_path / "pickle-was-executed"
     evil = _evil_pickle(tmp_path / "evil" / name, marker)
@@ -200,7 +207,12 @@ def test_the_package_never_unpickles_or_trusts_remote_code():
 
 def test_float8_weights_are_refused_not_a_crash(adapter_dir, tmp_path):
     # Was NotImplementedError: "isfinite" not implemented for 'Float8_e4m3fn'.
-    path = variant(adapter_dir, tmp_path, "native", lambda t: t.__setitem__(f"unet.{Q}.lora_A.weight", t[f"unet.{Q}.lora_A.weight"].to(torch.float8_e4m3fn)))
+    path = variant(
+        adapter_dir,
+        tmp_path,
+        "native",
+        lambda t: t.__setitem__(f"unet.{Q}.lora_A.weight", t[f"unet.{Q}.lora_A.weight"].to(torch.float8_e4m3fn)),
+    )
     with pytest.raises(ValueError, match=re.escape(f"{path}: 'unet.{Q}.lora_A.weight' has dtype torch.float8_e4m3fn")):
         read_adapter_file(path)
 
@@ -213,7 +225,10 @@ def test_float8_weights_are_refused_not_a_crash(adapter_dir, tmp_path):
         # B without A: diffusers left A at its random initialisation and merged B @ random A.
         ("no down (A)", lambda t: t.pop(f"unet.{Q}.lora_A.weight")),
         # A kohya key inside a diffusers module: silently dropped by the text encoder's loader.
-        ("mixes kohya and diffusers", lambda t: t.__setitem__(f"text_encoder.{TE_Q}.lora_down.weight", torch.zeros(2, 32))),
+        (
+            "mixes kohya and diffusers",
+            lambda t: t.__setitem__(f"text_encoder.{TE_Q}.lora_down.weight", torch.zeros(2, 32)),
+        ),
     ],
 )
 def test_merge_refuses_broken_files_that_diffusers_would_load(what, change, adapter_dir, tmp_path):
@@ -234,13 +249,23 @@ def test_merge_refuses_broken_files_that_diffusers_would_load(what, change, adap
         (lambda m: m.__setitem__("lora_adapter_metadata", "{"), "is not valid JSON"),
         (lambda m: m.__setitem__("lora_adapter_metadata", "[]"), "should be a JSON object"),
         # No lora_alpha: diffusers would use LoraConfig's default (8), our reader alpha = r; now refused.
-        (edit_json("lora_adapter_metadata", lambda v: v.pop("text_encoder.lora_alpha")), "sets text_encoder fields but not lora_alpha"),
-        (edit_json("lora_adapter_metadata", lambda v: v.__setitem__("unet.use_rslora", [])), "use_rslora should be true or false"),
+        (
+            edit_json("lora_adapter_metadata", lambda v: v.pop("text_encoder.lora_alpha")),
+            "sets text_encoder fields but not lora_alpha",
+        ),
+        (
+            edit_json("lora_adapter_metadata", lambda v: v.__setitem__("unet.use_rslora", [])),
+            "use_rslora should be true or false",
+        ),
     ],
 )
 def test_unreadable_folded_metadata_is_refused_everywhere(metadata_change, message, adapter_dir, tmp_path, capsys):
     path = variant(adapter_dir, tmp_path, "diffusers", metadata_change=metadata_change)
-    for action in (read_adapter_file, lambda p: load_moslora_weights(make_tiny_pipeline("sd15"), p), lambda p: merge_adapters(make_tiny_pipeline("sd15"), [p])):
+    for action in (
+        read_adapter_file,
+        lambda p: load_moslora_weights(make_tiny_pipeline("sd15"), p),
+        lambda p: merge_adapters(make_tiny_pipeline("sd15"), [p]),
+    ):
         with pytest.raises(ValueError, match=re.escape(str(path))) as info:
             action(path)
         assert message in str(info.value)
@@ -264,11 +289,20 @@ def _set_unet(field, value):
         (_set_unet("mixer_init", "zeros"), "unet: mixer_init should be one of kaiming, orthogonal, identity"),
         (_set_unet("use_rslora", "yes"), "use_rslora should be true or false"),
         (edit_json("moslora", lambda h: h.__setitem__("components", "unet")), "components should be a JSON object"),
-        (edit_json("moslora", lambda h: h["components"].__setitem__("vae", h["components"]["unet"])), "names component 'vae'"),
+        (
+            edit_json("moslora", lambda h: h["components"].__setitem__("vae", h["components"]["unet"])),
+            "names component 'vae'",
+        ),
         (edit_json("moslora", lambda h: h.__setitem__("family", "sd9")), "model family 'sd9'"),
-        (edit_json("moslora", lambda h: h.__setitem__("format_version", 0)), "native format version 0 is not supported"),
+        (
+            edit_json("moslora", lambda h: h.__setitem__("format_version", 0)),
+            "native format version 0 is not supported",
+        ),
         # Ranks unlike the header's r: a RuntimeError (size mismatch) when loaded for training.
-        (_set_unet("r", 4), "'unet.down_blocks.1.attentions.0.proj_in.lora_A.weight' has rank 2, but the file's metadata gives this module rank 4"),
+        (
+            _set_unet("r", 4),
+            "'unet.down_blocks.1.attentions.0.proj_in.lora_A.weight' has rank 2, but the file's metadata gives this module rank 4",
+        ),
         # Mixers in a component the header calls plain LoRA: an AttributeError when loaded for training.
         (_set_unet("use_moslora", False), "is not MoSLoRA (use_moslora false), yet this module has a mixer"),
     ],
@@ -306,8 +340,15 @@ def test_a_file_without_target_modules_loads_its_own_modules(layout, key, adapte
 
 def test_an_invalid_target_modules_pattern_is_refused(adapter_dir, tmp_path, pipe):
     # Was re.error from deep inside PEFT when loaded.
-    path = variant(adapter_dir, tmp_path, "diffusers", metadata_change=edit_json("lora_adapter_metadata", lambda v: v.__setitem__("unet.target_modules", "(")))
-    with pytest.raises(ValueError, match=re.escape(f"{path}: metadata for unet: target_modules '(' is not a valid pattern")):
+    path = variant(
+        adapter_dir,
+        tmp_path,
+        "diffusers",
+        metadata_change=edit_json("lora_adapter_metadata", lambda v: v.__setitem__("unet.target_modules", "(")),
+    )
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: metadata for unet: target_modules '(' is not a valid pattern")
+    ):
         load_moslora_weights(pipe, path)
 
 
@@ -321,7 +362,9 @@ def test_folding_that_overflows_half_precision_is_refused(adapter_dir, tmp_path,
     path = variant(adapter_dir, tmp_path, "native", huge_mixer)
     code, _, err = run_cli(capsys, "export", path, "--output_dir", tmp_path / "out")
     # The diffusers file comes first, in kohya keys for SD 1.5.
-    assert_one_line_error(code, err, str(path), f"'lora_unet_{Q.replace('.', '_')}.lora_up.weight' overflows torch.float16")
+    assert_one_line_error(
+        code, err, str(path), f"'lora_unet_{Q.replace('.', '_')}.lora_up.weight' overflows torch.float16"
+    )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.raises(ValueError, match="overflows torch.float16"):
         load_moslora_weights(pipe, path)
@@ -333,7 +376,10 @@ def test_folding_that_overflows_half_precision_is_refused(adapter_dir, tmp_path,
         ([], "the header is not a JSON object"),  # was AttributeError: 'list' object has no attribute 'pop'
         ({"__metadata__": {"format": 1}}, "__metadata__ must map names to strings"),  # was TypeError
         ({"__metadata__": "pt"}, "__metadata__ must map names to strings"),  # was ValueError without the file
-        ({"w": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, "bad header entry for 'w'"),  # was RuntimeError
+        (
+            {"w": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}},
+            "bad header entry for 'w'",
+        ),  # was RuntimeError
         ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, "lies outside the file"),
         ({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, "lies outside the file"),
         ({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, "bad header entry for 'w'"),
@@ -401,11 +447,15 @@ def test_unclear_weights_are_errors(make, text, message, tmp_path):
 def test_merge_command_takes_a_folder_with_a_colon_and_a_weight(adapter_dir, tiny_base, tmp_path, capsys):
     folder = tmp_path / "style:v1"
     shutil.copytree(adapter_dir, folder)
-    code, out, err = run_cli(capsys, "merge", "--base", tiny_base, "--adapter", f"{folder}:0.5", "--output", tmp_path / "merged")
+    code, out, err = run_cli(
+        capsys, "merge", "--base", tiny_base, "--adapter", f"{folder}:0.5", "--output", tmp_path / "merged"
+    )
     assert code == 0, err
     readme = (tmp_path / "merged" / "README.md").read_text()
     assert f"| `{folder}` | 0.5 |" in readme
-    code, _, err = run_cli(capsys, "merge", "--base", tiny_base, "--adapter", f"{folder}:", "--output", tmp_path / "merged2")
+    code, _, err = run_cli(
+        capsys, "merge", "--base", tiny_base, "--adapter", f"{folder}:", "--output", tmp_path / "merged2"
+    )
     assert_one_line_error(code, err, "nothing after the last ':'")
 
 

@@ -93,7 +93,9 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300)
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the trainer ended (status {proc.returncode}) before the fault could be injected:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the trainer ended (status {proc.returncode}) before the fault could be injected:\n{log.read_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"timed out waiting for the trainer:\n{log.read_text()[-3000:]}")
@@ -125,7 +127,9 @@ def test_sigkill_at_a_random_step_after_a_checkpoint_loses_nothing(tmp_path, uni
 
 def test_sigkill_while_a_checkpoint_is_written_never_resumes_from_it(tmp_path, uninterrupted):
     out, log, ready = tmp_path / "out", tmp_path / "log", tmp_path / "ready"
-    proc = start_trainer(out, log, "--stall_checkpoint", "8", "--ready", str(ready), "--release", str(tmp_path / "never"))
+    proc = start_trainer(
+        out, log, "--stall_checkpoint", "8", "--ready", str(ready), "--release", str(tmp_path / "never")
+    )
     wait_for(ready.exists, proc, log)
     proc.kill()
     proc.wait()
@@ -147,14 +151,19 @@ def test_ctrl_c_saves_the_current_step_and_a_second_trainer_is_refused_meanwhile
     started = time.monotonic()
     assert run_main(argv(out)) == 1
     line = error_line(capsys.readouterr().err)
-    assert line.startswith(f"{PROG}: error: --output_dir '{out}' is in use by another training run (pid {proc.pid} on {socket.gethostname()}")
+    assert line.startswith(
+        f"{PROG}: error: --output_dir '{out}' is in use by another training run (pid {proc.pid} on {socket.gethostname()}"
+    )
     assert time.monotonic() - started < 60, "the second trainer did not refuse at once"
 
     proc.send_signal(signal.SIGINT)
     release.touch()
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     last = log.read_text().strip().splitlines()[-1]
-    assert last == f"{PROG}: interrupted: at step 9; saved {out / 'checkpoint-9'}: continue with --resume_from_checkpoint latest"
+    assert (
+        last
+        == f"{PROG}: interrupted: at step 9; saved {out / 'checkpoint-9'}: continue with --resume_from_checkpoint latest"
+    )
     assert_complete(out / "checkpoint-8", 8)
     assert_complete(out / "checkpoint-9", 9)
     assert not any((out / name).exists() for name in ADAPTER_FILES)
@@ -175,7 +184,11 @@ def _sleeper() -> subprocess.Popen:
 def _write_lock(out: Path, pid: int, hostname: str, process_start) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    path.write_text(json.dumps({"pid": pid, "hostname": hostname, "process_start": process_start, "started": "earlier", "token": "x"}))
+    path.write_text(
+        json.dumps(
+            {"pid": pid, "hostname": hostname, "process_start": process_start, "started": "earlier", "token": "x"}
+        )
+    )
     return path
 
 
@@ -243,7 +256,9 @@ def _checkpoint_optimizer_write_fails(step: int):
     def failing(obj, path, *args, **kwargs):
         if Path(path).parent.name == f".checkpoint-{step}.tmp":
             # What torch.save raises when the disk fills.
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+            )
         return save(obj, path, *args, **kwargs)
 
     return accelerate.checkpointing, "save", failing
@@ -256,9 +271,14 @@ def test_a_full_disk_during_a_checkpoint(fault, tmp_path, monkeypatch, capsys):
     assert run_main(argv(out, "--checkpointing_steps", "2", "--max_train_steps", "6")) == 1
     line = error_line(capsys.readouterr().err)
     assert line.startswith(f"{PROG}: error: could not write checkpoint-4 in '{out}' (")
-    assert f"the earlier checkpoints are intact (latest: {out / 'checkpoint-2'})" in line and "--resume_from_checkpoint latest" in line
+    assert (
+        f"the earlier checkpoints are intact (latest: {out / 'checkpoint-2'})" in line
+        and "--resume_from_checkpoint latest" in line
+    )
     assert "No space left on device" in line or "file write failed" in line
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs"], "a half-written checkpoint, an adapter or the lock was left"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs"], (
+        "a half-written checkpoint, an adapter or the lock was left"
+    )
     assert_complete(out / "checkpoint-2", 2)
 
 
@@ -282,7 +302,9 @@ def test_a_full_disk_during_the_final_save_keeps_the_previous_files(tmp_path, mo
     assert line.startswith(f"{PROG}: error: could not write the adapter files to '{out}' (")
     assert "No space left on device" in line and f"(latest: {out / 'checkpoint-4'})" in line
     assert {name: (out / name).read_bytes() for name in before} == before, "the previous adapter files changed"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint-2", "checkpoint-4", "logs"]), "temporary files were left"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint-2", "checkpoint-4", "logs"]), (
+        "temporary files were left"
+    )
     assert_complete(out / "checkpoint-4", 4)
 
 
@@ -307,8 +329,14 @@ def test_a_nan_or_inf_loss_stops_at_that_step_and_writes_no_adapter(bad, tmp_pat
     assert "a learning rate too high (--learning_rate 0.01)" in line and "fp16 overflow" in line
     assert f"No adapter was written and the last good checkpoint is {out / 'checkpoint-2'}." in line
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs"]
-    assert [row["step"] for row in read_train_log(out / "logs" / "train_log.jsonl")] == [1, 2, 3]  # the diverged step logged
-    assert all(bool(torch.isfinite(t).all()) for t in load_file(out / "checkpoint-2" / "adapter_unet.safetensors").values())
+    assert [row["step"] for row in read_train_log(out / "logs" / "train_log.jsonl")] == [
+        1,
+        2,
+        3,
+    ]  # the diverged step logged
+    assert all(
+        bool(torch.isfinite(t).all()) for t in load_file(out / "checkpoint-2" / "adapter_unet.safetensors").values()
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +394,10 @@ def test_sigterm_from_a_scheduler_saves_the_current_step_and_exits_143(tmp_path)
     text = log.read_text()
     assert "SIGTERM received: finishing this step and saving a checkpoint" in text, text[-3000:]
     lines = text.strip().splitlines()
-    assert lines[-1] == f"{PROG}: interrupted: at step 9; saved {out / 'checkpoint-9'}: continue with --resume_from_checkpoint latest"
+    assert (
+        lines[-1]
+        == f"{PROG}: interrupted: at step 9; saved {out / 'checkpoint-9'}: continue with --resume_from_checkpoint latest"
+    )
     assert_complete(out / "checkpoint-9", 9)
     assert not any((out / name).exists() for name in ADAPTER_FILES)
     assert not (out / LOCK_NAME).exists(), "a terminated run must release its lock"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_sets import SINGLE_FILE_FAMILIES
 from safetensors.torch import save_file
 from test_merge_single_file import _flux_converter_for_width
 
@@ -15,7 +16,6 @@ from moslora_diffusion.single_file_bases import (
     read_single_file_family,
 )
 from moslora_diffusion.testing import make_tiny_pipeline
-from family_sets import SINGLE_FILE_FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

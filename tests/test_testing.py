@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from family_sets import ALL_FAMILIES as FAMILIES
 from PIL import Image
 
-from family_sets import ALL_FAMILIES as FAMILIES
 from moslora_diffusion.testing import (
     default_tiny_resolution,
     make_test_images,
@@ -68,7 +68,10 @@ def test_save_and_reload_round_trip(family, tmp_path):
 
     assert type(loaded) is type(pipe)
     _assert_same_weights(_modules(pipe), _modules(loaded))
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     for name, tokenizer in _tokenizers(pipe).items():
         reloaded = getattr(loaded, name)
@@ -154,4 +157,6 @@ def test_testing_is_the_public_name_of_the_tiny_module_and_knows_every_family():
     from moslora_diffusion import families, testing, tiny
 
     assert testing.FAMILIES == tuple(families.FAMILIES)  # one list of families: families.FAMILIES
-    assert testing.make_tiny_pipeline is tiny.make_tiny_pipeline and testing.save_tiny_pipeline is tiny.save_tiny_pipeline
+    assert (
+        testing.make_tiny_pipeline is tiny.make_tiny_pipeline and testing.save_tiny_pipeline is tiny.save_tiny_pipeline
+    )

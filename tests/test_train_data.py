@@ -9,7 +9,6 @@ import torch
 
 from moslora_diffusion.training.objectives import FlowMatching, NoisePrediction, combine_instance_and_prior_losses
 
-
 # ---------------------------------------------------------------------------------------------- objectives
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

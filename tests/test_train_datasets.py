@@ -163,8 +163,12 @@ BAD_DATA = {
         "--dataset_config and --instance_data_dir both name the training images",
     ),
     "cached encoders trained": (
-        lambda t: ["--instance_data_dir", str(REPO / "samples" / "subject"), "--cache_text_encoder_outputs",
-                   "--train_text_encoder"],  # fmt: skip
+        lambda t: [
+            "--instance_data_dir",
+            str(REPO / "samples" / "subject"),
+            "--cache_text_encoder_outputs",
+            "--train_text_encoder",
+        ],  # fmt: skip
         "cannot go with --train_text_encoder",
     ),
     "cached encoders shuffled": (
@@ -178,8 +182,15 @@ BAD_DATA = {
     "mask of another size": (_mask_of_another_size, "a mask must have its image's size"),
     "bad metadata": (_bad_metadata, "metadata.jsonl:1: not a JSON object"),
     "flux bucket steps": (
-        lambda t: ["--pretrained_model_name_or_path", "tiny:flux", "--instance_data_dir",
-                   str(REPO / "samples" / "subject"), "--enable_bucket", "--bucket_reso_steps", "8"],  # fmt: skip
+        lambda t: [
+            "--pretrained_model_name_or_path",
+            "tiny:flux",
+            "--instance_data_dir",
+            str(REPO / "samples" / "subject"),
+            "--enable_bucket",
+            "--bucket_reso_steps",
+            "8",
+        ],  # fmt: skip
         "bucket_reso_steps = 8 does not suit flux",
     ),
 }

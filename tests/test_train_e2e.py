@@ -18,7 +18,19 @@ from moslora_diffusion.testing import make_tiny_pipeline, save_tiny_pipeline
 
 # family -> (base: the in-memory tiny:<family>, or the same pipeline saved as a diffusers folder; extra flags).
 RUNS = {
-    "sd15": ("tiny", ["--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--validation_steps", "1", "--report_to", "tensorboard"]),
+    "sd15": (
+        "tiny",
+        [
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "1",
+            "--validation_steps",
+            "1",
+            "--report_to",
+            "tensorboard",
+        ],
+    ),
     "sdxl": ("tiny", ["--train_text_encoder", "--text_encoder_lr", "1e-2"]),  # both CLIP encoders too
     "sd3": ("folder", []),  # loads every component from subfolders, T5 included
     "flux": ("folder", ["--learning_rate", "5e-2"]),  # the tiny Flux's images move least per step
@@ -60,8 +72,15 @@ def _validation_call(pipe, family: str, output_type: str = "pil") -> np.ndarray:
     """The recipe's validation call (seed 0, the run's resolution and steps), as stock diffusers makes it."""
     kwargs = get_family(family).pipeline_call_kwargs(32)
     generator = torch.Generator().manual_seed(0)
-    image = pipe(prompt=PROMPT, generator=generator, output_type=output_type, height=32, width=32, num_inference_steps=2,
-                 **kwargs).images[0]
+    image = pipe(
+        prompt=PROMPT,
+        generator=generator,
+        output_type=output_type,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        **kwargs,
+    ).images[0]
     return np.asarray(image, dtype=np.int16) if output_type == "pil" else image
 
 
@@ -85,8 +104,12 @@ def test_stock_diffusers_reproduces_the_trained_model_and_differs_from_the_base(
     base = _validation_call(pipe, family, output_type="np")
     pipe.load_lora_weights(str(out))  # picks pytorch_lora_weights.safetensors
     trained = np.asarray(Image.open(out / "image_0.png"), dtype=np.int16)
-    assert np.abs(_validation_call(pipe, family) - trained).max() <= 2, "stock-loaded LoRA does not reproduce the trained model's image"
-    assert np.abs(_validation_call(pipe, family, output_type="np") - base).max() > 1e-3, "the adapter does not change the images"
+    assert np.abs(_validation_call(pipe, family) - trained).max() <= 2, (
+        "stock-loaded LoRA does not reproduce the trained model's image"
+    )
+    assert np.abs(_validation_call(pipe, family, output_type="np") - base).max() > 1e-3, (
+        "the adapter does not change the images"
+    )
 
 
 def test_sdxl_run_trains_both_text_encoders(runs):
@@ -105,8 +128,20 @@ def test_sd15_checkpoints_prune_and_validation_logs(runs):
 def test_sample_config_runs_the_built_in_default(tmp_path):
     """The README's main job: samples/dreambooth_tiny.toml (the bundled base + samples/subject), shortened here."""
     out = tmp_path / "out"
-    argv = ["--config", str(REPO / "samples" / "dreambooth_tiny.toml"), "--output_dir", str(out), "--max_train_steps", "1",
-            "--num_validation_images", "1", "--num_inference_steps", "2", "--report_to", "none"]
+    argv = [
+        "--config",
+        str(REPO / "samples" / "dreambooth_tiny.toml"),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "1",
+        "--num_validation_images",
+        "1",
+        "--num_inference_steps",
+        "2",
+        "--report_to",
+        "none",
+    ]
     assert run_main(argv) == 0
     assert all((out / name).is_file() for name in ADAPTER_FILES)
     assert (out / "validation" / "step_000000.png").is_file()  # before (validation_at_start)
@@ -114,8 +149,16 @@ def test_sample_config_runs_the_built_in_default(tmp_path):
 
 
 def test_mixed_precision_keeps_adapters_in_fp32_with_gradient_checkpointing(tmp_path):
-    out = train("sd3", tmp_path / "out", "--mixed_precision", "bf16", "--gradient_checkpointing", "--train_text_encoder",
-                "--checkpointing_steps", "2")
+    out = train(
+        "sd3",
+        tmp_path / "out",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--train_text_encoder",
+        "--checkpointing_steps",
+        "2",
+    )
     for path in [out / "moslora_weights.safetensors", *(out / "checkpoint-2").glob("adapter_*.safetensors")]:
         tensors, _ = load_safetensors(path)
         assert {t.dtype for t in tensors.values()} == {torch.float32}, path.name

@@ -30,7 +30,15 @@ OPTIMIZERS = {
     "adamw_schedulefree": "schedulefree",
 }
 # Dropout, flips and accumulation over an epoch boundary, as tests/test_train_resume.py.
-RESUME_FLAGS = ["--lora_dropout", "0.1", "--random_flip", "--gradient_accumulation_steps", "2", "--num_validation_images", "0"]
+RESUME_FLAGS = [
+    "--lora_dropout",
+    "0.1",
+    "--random_flip",
+    "--gradient_accumulation_steps",
+    "2",
+    "--num_validation_images",
+    "0",
+]
 LR_BY_ROLE = ["--loraplus_lr_ratio", "4", "--mixer_lr", "2e-2"]  # every role's group with its own LR
 
 
@@ -56,11 +64,32 @@ def test_each_optimizer_resumes_bit_for_bit(tmp_path, optimizer):
     whole = train("sd15", tmp_path / "whole", *flags, "--max_train_steps", "4", "--checkpointing_steps", "10")
     # The interrupted run also validates every step: schedule-free AdamW then evaluates its average x and must put
     # its training weights back bit for bit (at step 1, x = y: the check needs step 2).
-    split = train("sd15", tmp_path / "split", *flags, "--max_train_steps", "3", "--checkpointing_steps", "3",
-                  "--num_validation_images", "1", "--validation_steps", "1")
+    split = train(
+        "sd15",
+        tmp_path / "split",
+        *flags,
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "3",
+        "--num_validation_images",
+        "1",
+        "--validation_steps",
+        "1",
+    )
     if ema:
         assert (split / "checkpoint-3" / EMA_FILE).is_file()
-    train("sd15", split, *flags, "--max_train_steps", "4", "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest")
+    train(
+        "sd15",
+        split,
+        *flags,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "10",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     _assert_bit_identical(native_adapter(whole), native_adapter(split))
 
 
@@ -70,8 +99,16 @@ def test_parameter_groups_by_role_carry_loraplus_and_mixer_learning_rates():
     config = MoSLoRAConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"])
     text_config = MoSLoRAConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     trained = add_adapters(components, family, config, text_config)
-    groups = adapter_param_groups(trained, family, learning_rate=1e-3, text_encoder_lr=1e-5, weight_decay=0.1,
-                                  text_encoder_weight_decay=0.2, loraplus_lr_ratio=16, mixer_lr=5e-3)
+    groups = adapter_param_groups(
+        trained,
+        family,
+        learning_rate=1e-3,
+        text_encoder_lr=1e-5,
+        weight_decay=0.1,
+        text_encoder_weight_decay=0.2,
+        loraplus_lr_ratio=16,
+        mixer_lr=5e-3,
+    )
     lrs = {group["name"]: (group["lr"], group["weight_decay"]) for group in groups}
     assert lrs == pytest.approx({
         "unet.A": (1e-3, 0.1), "unet.B": (16e-3, 0.1), "unet.M": (5e-3, 0.1),
@@ -100,8 +137,17 @@ def test_mixer_lr_zero_keeps_the_mixer_at_its_initial_value_and_out_of_the_optim
 
 
 def test_ema_weights_are_the_exported_adapter(tmp_path):
-    out = train("sd15", tmp_path / "out", "--num_validation_images", "0", "--max_train_steps", "3", "--use_ema",
-                "--ema_decay", "0.9")
+    out = train(
+        "sd15",
+        tmp_path / "out",
+        "--num_validation_images",
+        "0",
+        "--max_train_steps",
+        "3",
+        "--use_ema",
+        "--ema_decay",
+        "0.9",
+    )
     ema, metadata = load_safetensors(out / "checkpoint-3" / EMA_FILE)  # saved at the last step, before the export
     live, _ = load_safetensors(out / "checkpoint-3" / "adapter_unet.safetensors")
     exported = native_adapter(out)
@@ -109,7 +155,9 @@ def test_ema_weights_are_the_exported_adapter(tmp_path):
     as_native = {k.replace(".default.", "."): t for k, t in ema.items()}  # unet.<module>.lora_B.default.weight
     assert as_native.keys() == {k for k in exported if "lora_" in k}
     assert all(torch.equal(exported[k], t) for k, t in as_native.items())
-    assert any(not torch.equal(ema[f"unet.{k}"], t) for k, t in live.items() if "lora_B" in k), "EMA equals the live weights"
+    assert any(not torch.equal(ema[f"unet.{k}"], t) for k, t in live.items() if "lora_B" in k), (
+        "EMA equals the live weights"
+    )
     assert "EMA (decay 0.9)" in (out / "README.md").read_text()
 
 
@@ -191,10 +239,14 @@ def test_a_missing_optimizer_package_is_one_line_with_the_pip_command(tmp_path, 
 
     real = importlib.util.find_spec
     package = OPTIMIZERS[optimizer]
-    monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    monkeypatch.setattr(
+        optimizers.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )
     out = tmp_path / "out"
     assert run_main(tiny_run_argv("sd15", out, "--optimizer", optimizer)) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert lines == [f"train_dreambooth_moslora.py: error: --optimizer {optimizer} needs {package}: pip install {package} "
-                     f"(or pip install 'moslora-diffusion[{'bnb' if package == 'bitsandbytes' else 'optimizers'}]')"]
+    assert lines == [
+        f"train_dreambooth_moslora.py: error: --optimizer {optimizer} needs {package}: pip install {package} "
+        f"(or pip install 'moslora-diffusion[{'bnb' if package == 'bitsandbytes' else 'optimizers'}]')"
+    ]
     assert not out.exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from train_support import PROMPT, native_adapter, run_main, tiny_run_argv, train
@@ -16,13 +16,20 @@ from moslora_diffusion.formats import NATIVE_HEADER_KEY, WEIGHT_NAMES
 from moslora_diffusion.training.checkpoints import ADAPTER_CONFIG_KEY, STATE_FILE
 from moslora_diffusion.training.train_log import TrainLog, read_train_log
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Randomness everywhere it can hide: adapter dropout, random flips and crops, accumulation over an epoch
 # boundary (5 images, 2 batches per step: steps of 2, 2 and 1 batches per epoch), noise and timesteps.
-RESUME_FLAGS = ["--lora_dropout", "0.1", "--random_flip", "--gradient_accumulation_steps", "2", "--num_validation_images", "0"]
+RESUME_FLAGS = [
+    "--lora_dropout",
+    "0.1",
+    "--random_flip",
+    "--gradient_accumulation_steps",
+    "2",
+    "--num_validation_images",
+    "0",
+]
 
 
 # A kohya dataset file with more randomness: buckets (two aspect ratios and a random crop), repeats, reg images
@@ -76,7 +83,17 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, data):
     # Stop after step 2 (a checkpoint mid-epoch), then continue to step 4 from it.
     split = train("sd15", tmp_path / "split", *flags, "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert json.loads((split / "checkpoint-2" / STATE_FILE).read_text())["step"] == 2
-    train("sd15", split, *flags, "--max_train_steps", "4", "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest")
+    train(
+        "sd15",
+        split,
+        *flags,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "10",
+        "--resume_from_checkpoint",
+        "latest",
+    )
 
     expected, resumed = native_adapter(whole), native_adapter(split)
     assert expected.keys() == resumed.keys()
@@ -98,8 +115,21 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path):
 
 def test_prior_preservation_generates_missing_class_images_once(tmp_path):
     class_dir = tmp_path / "class"
-    flags = ["--with_prior_preservation", "--class_prompt", "a photo of a cross", "--class_data_dir", str(class_dir),
-             "--num_class_images", "3", "--sample_batch_size", "2", "--num_validation_images", "0", "--max_train_steps", "1"]
+    flags = [
+        "--with_prior_preservation",
+        "--class_prompt",
+        "a photo of a cross",
+        "--class_data_dir",
+        str(class_dir),
+        "--num_class_images",
+        "3",
+        "--sample_batch_size",
+        "2",
+        "--num_validation_images",
+        "0",
+        "--max_train_steps",
+        "1",
+    ]
     train("sd15", tmp_path / "first", *flags)
     made = sorted(class_dir.glob("*.png"))
     assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
@@ -112,7 +142,9 @@ def test_prior_preservation_generates_missing_class_images_once(tmp_path):
     # Not bit-identical: it was made in a batch of 2 and is now made alone, and CPU kernels may round
     # differently per batch size; a different seed would differ everywhere by far more.
     assert np.abs(again - lost).max() <= 3, np.abs(again - lost).max()
-    assert [p.stat().st_mtime_ns for p in made if p.name != "class_00001.png"] == [s for p, s in zip(made, stamps) if p.name != "class_00001.png"]
+    assert [p.stat().st_mtime_ns for p in made if p.name != "class_00001.png"] == [
+        s for p, s in zip(made, stamps) if p.name != "class_00001.png"
+    ]
     assert not list(class_dir.glob(".*.tmp"))
 
 
@@ -125,21 +157,45 @@ def test_a_short_run_checkpoints_its_last_step_and_a_longer_run_continues_it(tmp
     # The checkpoint's adapter says what it is, as the native file's header does (for moslora inspect / export).
     _, metadata = load_safetensors(out / "checkpoint-2" / "adapter_unet.safetensors")
     _, native_metadata = load_safetensors(out / WEIGHT_NAMES["native"])
-    assert json.loads(metadata[ADAPTER_CONFIG_KEY]) == json.loads(native_metadata[NATIVE_HEADER_KEY])["components"]["unet"]
+    assert (
+        json.loads(metadata[ADAPTER_CONFIG_KEY]) == json.loads(native_metadata[NATIVE_HEADER_KEY])["components"]["unet"]
+    )
     first_log = read_train_log(out / "logs" / "train_log.jsonl")
     assert [row["step"] for row in first_log] == [1, 2]
 
     # Longer, and --checkpoints_total_limit 1 with a last step (3) that is no multiple of --checkpointing_steps.
-    train("sd15", out, "--num_validation_images", "0", "--max_train_steps", "3", "--checkpointing_steps", "2",
-          "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest")
+    train(
+        "sd15",
+        out,
+        "--num_validation_images",
+        "0",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "1",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     log = read_train_log(out / "logs" / "train_log.jsonl")
     assert log[:2] == first_log and [row["step"] for row in log] == [1, 2, 3]
 
 
 def test_the_train_log_has_a_line_per_step_without_tensorboard(tmp_path):
-    out = train("sd15", tmp_path / "out", "--num_validation_images", "0", "--max_train_steps", "3",
-                "--lr_scheduler", "linear", "--report_to", "none")
+    out = train(
+        "sd15",
+        tmp_path / "out",
+        "--num_validation_images",
+        "0",
+        "--max_train_steps",
+        "3",
+        "--lr_scheduler",
+        "linear",
+        "--report_to",
+        "none",
+    )
     log = read_train_log(out / "logs" / "train_log.jsonl")
     assert [sorted(row) for row in log] == [["loss", "lr", "seconds", "step"]] * 3
     assert [row["step"] for row in log] == [1, 2, 3]
@@ -153,8 +209,10 @@ def test_the_train_log_has_a_line_per_step_without_tensorboard(tmp_path):
 def test_a_resumed_train_log_drops_the_lines_a_killed_run_wrote_after_its_checkpoint(tmp_path):
     path = tmp_path / "logs" / "train_log.jsonl"
     path.parent.mkdir()
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0, "lr": 0.1, "seconds": float(s)}) + "\n" for s in range(1, 6))
-                    + '{"step": 6, "lo')  # the line the kill cut short
+    path.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0, "lr": 0.1, "seconds": float(s)}) + "\n" for s in range(1, 6))
+        + '{"step": 6, "lo'
+    )  # the line the kill cut short
     TrainLog(path, start_step=3).write(4, loss=0.5, lr=0.1)
     rows = read_train_log(path)
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 0.5 and rows[-1]["seconds"] >= 3.0

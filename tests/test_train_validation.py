@@ -63,7 +63,9 @@ def test_prompts_file_adds_its_lines_after_the_flags(tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a sks cross on a beach\n\n  a sks cross in snow  \n", encoding="utf-8")
     out = tmp_path / "out"
-    config, _ = parse_run(tiny_run_argv("sd15", out, "--validation_prompt", "first", "--validation_prompts_file", str(prompts_file)))
+    config, _ = parse_run(
+        tiny_run_argv("sd15", out, "--validation_prompt", "first", "--validation_prompts_file", str(prompts_file))
+    )
     assert config.validation_prompt == ("first", "a sks cross on a beach", "a sks cross in snow")
     config, _ = parse_run(tiny_run_argv("sd15", out, "--validation_prompts_file", str(prompts_file)))
     assert config.validation_prompt == ("a sks cross on a beach", "a sks cross in snow")  # no instance prompt added
@@ -87,7 +89,10 @@ def test_bad_prompts_files(tmp_path, content, expected):
     [
         (["--validation_resolution", "12x"], "argument --validation_resolution: expected WxH in pixels, e.g. 768x512"),
         (["--validation_resolution", "axb"], "got 'axb'"),
-        (["--validation_resolution", "36x32"], "--validation_resolution 36x32: both sides must be multiples of 8 for sd15"),
+        (
+            ["--validation_resolution", "36x32"],
+            "--validation_resolution 36x32: both sides must be multiples of 8 for sd15",
+        ),
         (["--validation_prompts_file", "nope.txt"], "--validation_prompts_file 'nope.txt' does not exist"),
         (["--validation_num_inference_steps", "0"], "--validation_num_inference_steps must be positive"),
     ],

@@ -62,7 +62,11 @@ def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
 def test_evaluator_reads_every_rendered_object():
     rng = random.Random(7)
     for _ in range(300):
-        shape, colour, bg = rng.choice(world.SHAPES), rng.choice(list(world.COLOURS)), rng.choice(list(world.BACKGROUNDS))
+        shape, colour, bg = (
+            rng.choice(world.SHAPES),
+            rng.choice(list(world.COLOURS)),
+            rng.choice(list(world.BACKGROUNDS)),
+        )
         verdict = world.evaluate(world.render(shape, colour, bg, rng=rng))
         assert verdict.matches(shape, colour, bg), (shape, colour, bg, verdict)
 
@@ -107,14 +111,18 @@ def test_sample_subject_is_a_red_cross_on_white():
     images = sorted((REPO / "samples" / "subject").glob("*.png"))
     assert len(images) == 5
     for path in images:
-        assert world.evaluate(Image.open(path)).matches(world.SUBJECT_SHAPE, world.SUBJECT_COLOUR, world.SUBJECT_BACKGROUND), path
+        assert world.evaluate(Image.open(path)).matches(
+            world.SUBJECT_SHAPE, world.SUBJECT_COLOUR, world.SUBJECT_BACKGROUND
+        ), path
 
 
 def test_captions():
     assert world.caption("circle", "red", "white") == "a photo of a red circle on a white background"
     assert world.caption(None, None, None) == "a photo of a shape"
     assert world.subject_prompt() == "a photo of sks shape"
-    assert world.subject_prompt(colour="blue", background="black") == "a photo of a blue sks shape on a black background"
+    assert (
+        world.subject_prompt(colour="blue", background="black") == "a photo of a blue sks shape on a black background"
+    )
 
 
 # ---------------------------------------------------------------- the bundled base

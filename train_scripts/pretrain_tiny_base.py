@@ -42,23 +42,38 @@ except ImportError:  # run from a checkout without installing the package
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output_dir", default="samples/tiny-base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (results are deterministic for a given count)")
     p.add_argument("--pool_size", type=int, default=8192, help="rendered training images")
     p.add_argument("--vae_steps", type=int, default=1000)
     p.add_argument("--unet_steps", type=int, default=8000)
-    p.add_argument("--stop_after", type=int, default=None,
-                   help="stop after this many steps of the --unet_steps schedule and save (samples/tiny-base: 2000)")
-    p.add_argument("--evaluate", default=None, metavar="DIR",
-                   help="only score the pipeline in DIR on the class prompts and write DIR/eval.json and DIR/class_prompts.png")
+    p.add_argument(
+        "--stop_after",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --unet_steps schedule and save (samples/tiny-base: 2000)",
+    )
+    p.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="DIR",
+        help="only score the pipeline in DIR on the class prompts and write DIR/eval.json and DIR/class_prompts.png",
+    )
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.998)
     p.add_argument("--snr_gamma", type=float, default=5.0)
     p.add_argument("--eval_images", type=int, default=8, help="images per class prompt in the final evaluation")
-    p.add_argument("--eval_every", type=int, default=2000, help="also evaluate (4 images per prompt) and save a snapshot to <output_dir>.step-N every N UNet steps (0: never)")
+    p.add_argument(
+        "--eval_every",
+        type=int,
+        default=2000,
+        help="also evaluate (4 images per prompt) and save a snapshot to <output_dir>.step-N every N UNet steps (0: never)",
+    )
     p.add_argument("--log_every", type=int, default=100)
     return p.parse_args(argv)
 
@@ -124,7 +139,9 @@ def make_schedulers():
 
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     train = DDPMScheduler(**common, prediction_type="epsilon")
-    sample = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    sample = DDIMScheduler(
+        **common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"
+    )
     return train, sample
 
 
@@ -136,7 +153,11 @@ def render_pool(n: int, seed: int):
     rng = random.Random(seed)
     images, attrs = [], []
     for _ in range(n):
-        shape, colour, bg = rng.choice(world.BASE_SHAPES), rng.choice(list(world.COLOURS)), rng.choice(list(world.BACKGROUNDS))
+        shape, colour, bg = (
+            rng.choice(world.BASE_SHAPES),
+            rng.choice(list(world.COLOURS)),
+            rng.choice(list(world.BACKGROUNDS)),
+        )
         images.append(np.asarray(world.render(shape, colour, bg, rng=rng), dtype=np.float32))
         attrs.append((shape, colour, bg))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
@@ -161,7 +182,10 @@ def train_vae(vae, pixels, args, gen):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.vae_steps:
-            print(f"vae step {step}/{args.vae_steps} mse {mse.item():.5f} kl {kl.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"vae step {step}/{args.vae_steps} mse {mse.item():.5f} kl {kl.item():.4f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     vae.eval()
     with torch.no_grad():
         stats = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
@@ -180,12 +204,20 @@ def caption_batch(attrs, idx, rng: random.Random) -> list[str]:
         if rng.random() < 0.1:
             out.append("")  # caption dropout: the unconditional prompt for classifier-free guidance
             continue
-        out.append(world.caption(shape if rng.random() > 0.15 else None, colour if rng.random() > 0.15 else None, bg if rng.random() > 0.3 else None))
+        out.append(
+            world.caption(
+                shape if rng.random() > 0.15 else None,
+                colour if rng.random() > 0.15 else None,
+                bg if rng.random() > 0.3 else None,
+            )
+        )
     return out
 
 
 def encode_prompts(tokenizer, text_encoder, prompts):
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids)[0]
 
 
@@ -229,7 +261,10 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, attrs, scaling_factor
         losses.append(loss.item())
         if step % args.log_every == 0 or step == args.unet_steps:
             rate = step / (time.perf_counter() - t0)
-            print(f"unet step {step}/{args.unet_steps} loss {np.mean(losses[-args.log_every:]):.4f} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} steps/s)", flush=True)
+            print(
+                f"unet step {step}/{args.unet_steps} loss {np.mean(losses[-args.log_every :]):.4f} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} steps/s)",
+                flush=True,
+            )
         if args.stop_after and step >= args.stop_after:
             break
         if on_eval and args.eval_every and step % args.eval_every == 0 and step < args.unet_steps:
@@ -256,7 +291,9 @@ def class_prompt_accuracy(pipe, images_per_prompt: int, seed: int, steps: int = 
         for colour in world.COLOURS:
             prompt = world.caption(shape, colour, None)
             gen = torch.Generator().manual_seed(seed)
-            images = pipe([prompt] * images_per_prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
+            images = pipe(
+                [prompt] * images_per_prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen
+            ).images
             verdicts = [world.evaluate(im) for im in images]
             cells[prompt] = dict(
                 colour=sum(v.matches(colour=colour) for v in verdicts) / len(verdicts),
@@ -302,7 +339,9 @@ def evaluate_only(args) -> int:
     save_grid(rows, folder / "class_prompts.png")
     report = dict(accuracy=summary, images_per_prompt=args.eval_images, seed=args.seed + 1, per_prompt=cells)
     (folder / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{folder}: class prompts {summary} ({args.eval_images} images per prompt, {time.perf_counter() - started:.0f} s)")
+    print(
+        f"{folder}: class prompts {summary} ({args.eval_images} images per prompt, {time.perf_counter() - started:.0f} s)"
+    )
     return 0
 
 

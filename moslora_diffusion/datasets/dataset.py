@@ -63,7 +63,9 @@ def dataset_spec_from_folders(
     """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset.
 
     ``resolution`` None: not known yet (the base's default); set it before :func:`select_buckets`."""
-    size = None if resolution is None else (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    size = (
+        None if resolution is None else (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    )
     shared = {"caption_extension": caption_extension, "flip_aug": random_flip, "random_crop": random_crop}
     mask_dir = Path(mask_data_dir) if mask_data_dir else None
     options = caption or CaptionOptions()

@@ -66,9 +66,7 @@ def usable_images(folder: str | Path, source: str) -> list[Path]:
     readable = [path for path in images if _decodes(path)]
     files = _files(Path(folder))
     if not readable:
-        raise ImageReadError(
-            f"{source} '{folder}' holds no readable images (found {len(files)} files: {names(files)})"
-        )
+        raise ImageReadError(f"{source} '{folder}' holds no readable images (found {len(files)} files: {names(files)})")
     stems = {path.stem for path in readable}
     companions = [path for path in files if path.stem in stems or path.name in ("metadata.jsonl", "metadata.csv")]
     skipped = [path for path in files if path not in readable and (path in images or path not in companions)]

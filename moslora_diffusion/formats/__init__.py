@@ -45,7 +45,7 @@ from .files import (
     read_adapter_file,
     write_adapter_files,
 )
-from .kohya import kohya_metadata, kohya_prefix, kohya_stem, kohya_state_dict
+from .kohya import kohya_metadata, kohya_prefix, kohya_state_dict, kohya_stem
 from .names import COMFYUI_T5_PREFIX, DIFFUSERS_METADATA_KEY, FACTOR_SUFFIXES, FORMATS, LAYOUTS, NATIVE_HEADER_KEY
 from .native import FORMAT_VERSION, native_state_dict
 from .resize import ResizeReport, mixer_statistics, resize_adapter

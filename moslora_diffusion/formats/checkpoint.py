@@ -16,7 +16,6 @@ import json
 import re
 from pathlib import Path
 
-
 from ..clip_names import with_clip_root
 from ..families import get_family
 from ..fileio import load_safetensors
@@ -100,4 +99,3 @@ def _native_name(key: str, file: Path) -> tuple[str, str]:
             ".lora_A.<adapter>.weight / .lora_B.<adapter>.weight / .lora_mixer.<adapter>.weight"
         )
     return match.group(1), _FACTOR_OF_PEFT[match.group(2)]
-

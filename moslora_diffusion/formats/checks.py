@@ -108,7 +108,7 @@ def has_only_adapter_keys(tensors: dict[str, torch.Tensor]) -> bool:
 def detect_format(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike | None = None
 ) -> str:
-    """"native", "diffusers", "kohya" or "sd_scripts" (Flux/SD3 original names), from the keys and metadata."""
+    """ "native", "diffusers", "kohya" or "sd_scripts" (Flux/SD3 original names), from the keys and metadata."""
     where = f"{path}: " if path is not None else ""
     if NATIVE_HEADER_KEY in (metadata or {}) or any(k.endswith(FACTOR_SUFFIXES["native"]["M"]) for k in tensors):
         return "native"

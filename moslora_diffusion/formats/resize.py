@@ -44,9 +44,7 @@ def resize_adapter(state: AdapterState, rank: int) -> tuple[AdapterState, Resize
     for component, adapter in state.components.items():
         largest = max(layer.rank for layer in adapter.layers.values())
         if rank > largest:
-            raise ValueError(
-                f"cannot resize {component} to rank {rank}: its rank is {largest} (resizing only shrinks)"
-            )
+            raise ValueError(f"cannot resize {component} to rank {rank}: its rank is {largest} (resizing only shrinks)")
         config = dict(adapter.config, r=rank, rank_pattern={})
         keep_mixer = bool(config.get("use_moslora"))
         if keep_mixer:

@@ -149,7 +149,6 @@ def sd3_modules(config: dict) -> list[FusedModule]:
     return modules
 
 
-
 def join_fused(module: FusedModule, layers: dict[str, Factors]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down, up, alpha) of ``module`` from the adapters on its parts (some may be missing: zero rows).
 

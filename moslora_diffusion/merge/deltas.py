@@ -47,9 +47,10 @@ def _quiet_loading():
     weights without storage), which would only confuse; the one warning that matters, weights no layer
     takes, is collected and yielded so the caller can turn it into an error.
     """
+    import warnings
+
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-    import warnings
 
     found: list[str] = []
 

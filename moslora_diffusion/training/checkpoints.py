@@ -61,7 +61,9 @@ def resolve_resume_checkpoint(output_dir: str | Path, value: str) -> Path:
     if not path.is_dir() and (Path(output_dir) / value).is_dir():
         path = Path(output_dir) / value
     if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint '{value}': no such checkpoint folder (nor in --output_dir '{output_dir}')")
+        raise ValueError(
+            f"--resume_from_checkpoint '{value}': no such checkpoint folder (nor in --output_dir '{output_dir}')"
+        )
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume_from_checkpoint '{path}' is not a checkpoint of this trainer (no {STATE_FILE})")
     return path
@@ -135,7 +137,9 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
             expected = {name for name in params if "lora_" in name}
             if set(tensors) != expected:
                 missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
-                raise ValueError(f"{path}: adapter does not match this run's settings (first offending key: {missing[0]})")
+                raise ValueError(
+                    f"{path}: adapter does not match this run's settings (first offending key: {missing[0]})"
+                )
             with torch.no_grad():
                 for name, tensor in tensors.items():
                     params[name].copy_(tensor)
@@ -144,7 +148,9 @@ def register_adapter_checkpoint_hooks(accelerator, components: dict[str, nn.Modu
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, training_state: dict, total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, training_state: dict, total_limit: int | None
+) -> Path:
     """``save_state`` into ``output_dir/checkpoint-<step>`` (complete or absent), then prune. All processes call it;
     when any process fails to write its part, every process raises (OSError naming the processes that failed)."""
     output_dir = Path(output_dir)
@@ -203,7 +209,9 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[str]:
     """Delete what killed runs left half-written or half-deleted (``.checkpoint-*.tmp`` / ``.deleting``)."""
     output_dir = Path(output_dir)
-    leftovers = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) + sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.deleting"))
+    leftovers = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) + sorted(
+        output_dir.glob(f".{CHECKPOINT_PREFIX}*.deleting")
+    )
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return [p.name for p in leftovers]

@@ -68,7 +68,6 @@ def parse_size(value: str) -> tuple[int, int]:
     return width, height
 
 
-
 _BASE, _DATA, _ADAPTER, _TRAINING = "base model", "data", "adapter (MoSLoRA)", "training"
 _OBJECTIVE, _OUTPUTS = "objective", "validation, checkpoints and logging"
 _OPTIMIZER, _SPEED = "optimizer, learning rates by role, EMA", "speed"
@@ -162,17 +161,22 @@ class RunConfig:
         False, "Shuffle a caption's comma-separated tokens each time it is used (kohya).", group=_DATA
     )
     keep_tokens: int = flag(
-        0, "With --shuffle_caption: the first N tokens (e.g. the trigger word) stay first.", group=_DATA,
+        0,
+        "With --shuffle_caption: the first N tokens (e.g. the trigger word) stay first.",
+        group=_DATA,
         check="non_negative",
     )
     enable_bucket: bool = flag(
-        False, "Aspect-ratio buckets of about --resolution's area: portrait and landscape photos stay whole.",
+        False,
+        "Aspect-ratio buckets of about --resolution's area: portrait and landscape photos stay whole.",
         group=_DATA,
     )
     min_bucket_reso: int = flag(256, "Smallest bucket side in pixels.", group=_DATA, check="positive")
     max_bucket_reso: int = flag(1024, "Largest bucket side in pixels.", group=_DATA, check="positive")
     bucket_reso_steps: int = flag(
-        64, "Bucket sides are multiples of this (of 16 for SD3 and Flux, 8 for the others).", group=_DATA,
+        64,
+        "Bucket sides are multiples of this (of 16 for SD3 and Flux, 8 for the others).",
+        group=_DATA,
         check="positive",
     )
     bucket_no_upscale: bool = flag(
@@ -205,10 +209,15 @@ class RunConfig:
 
     # ---------------------------------------------------------------- adapter
     rank: int | None = flag(
-        None, "LoRA rank r (the mixer is r x r). Default: 4, or the --init_lora file's.", group=_ADAPTER, check="positive"
+        None,
+        "LoRA rank r (the mixer is r x r). Default: 4, or the --init_lora file's.",
+        group=_ADAPTER,
+        check="positive",
     )
     lora_alpha: float | None = flag(
-        None, "LoRA alpha; scale s = alpha / r. Default: the rank (s = 1). With --init_lora: the file's.", group=_ADAPTER
+        None,
+        "LoRA alpha; scale s = alpha / r. Default: the rank (s = 1). With --init_lora: the file's.",
+        group=_ADAPTER,
     )
     lora_dropout: float = flag(0.0, "Dropout on the adapter input, in [0, 1).", group=_ADAPTER)
     use_rslora: bool = flag(False, "Rank-stabilised scaling s = alpha / sqrt(r).", group=_ADAPTER)
@@ -421,7 +430,8 @@ class RunConfig:
         check="positive",
     )
     validation_prompts_file: str | None = flag(
-        None, "Text file of validation prompts, one a line (blank lines skipped), after any --validation_prompt.",
+        None,
+        "Text file of validation prompts, one a line (blank lines skipped), after any --validation_prompt.",
         group=_OUTPUTS,
     )
     validation_negative_prompt: str | None = flag(
@@ -431,7 +441,9 @@ class RunConfig:
         None, "Guidance scale of the validation images (default: the pipeline's).", group=_OUTPUTS, check="non_negative"
     )
     validation_num_inference_steps: int | None = flag(
-        None, "Sampling steps of the validation images (default: --num_inference_steps).", group=_OUTPUTS,
+        None,
+        "Sampling steps of the validation images (default: --num_inference_steps).",
+        group=_OUTPUTS,
         check="positive",
     )
     validation_resolution: tuple[int, int] | None = flag(

@@ -31,8 +31,8 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from ..config import MoSLoRAConfig
-from ..formats import write_adapter_files
 from ..datasets.cache import TensorCache
+from ..formats import write_adapter_files
 from .adapters import (
     ADAPTER_NAME,
     adapter_param_groups,
@@ -59,13 +59,14 @@ from .data import (
     with_class_images,
     with_default_resolution,
 )
-from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .ema import AdapterEMA, register_ema_checkpoint_hooks
+from .guards import InterruptRequests, OutputDirLock, TrainingStopped, divergence_message, refuse_earlier_run_outputs
 from .init_lora import add_init_lora
 from .model_card import ModelCard
-from .offload import OffloadedComponents
 from .objectives import make_objective
+from .offload import OffloadedComponents
 from .optimizers import SCHEDULE_FREE, evaluation_weights, make_optimizer, parse_optimizer_args
+from .prior import generate_class_images
 from .processes import (
     RunPosition,
     failed_processes,
@@ -73,7 +74,6 @@ from .processes import (
     lost_process_message,
     process_group_kwargs,
 )
-from .prior import generate_class_images
 from .run_inputs import RunInputs, may_replace_earlier_run
 from .sharding import adapter_state, gather_adapters
 from .train_log import LOG_NAME, TrainLog
@@ -147,7 +147,9 @@ def _train(
             "read from .safetensors files only, never from pickle files (.bin, .ckpt, .pt)"
         ) from None
     except ValueError as err:  # a single-file base whose --base_config cannot be fetched or does not fit it
-        raise UsageError(f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)})") from None
+        raise UsageError(
+            f"cannot load the base model '{config.pretrained_model_name_or_path}' ({_reason(err)})"
+        ) from None
     place_frozen_components(
         components, family, accelerator.device, weight_dtype, custom_vae=bool(config.pretrained_vae_model_name_or_path)
     )

@@ -38,5 +38,9 @@ def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> int:
     # (collected, for frames an exception kept in a reference cycle).
     gc.collect()
     message, exit_code = stopped
-    print(f"{prog}: {'interrupted' if exit_code in INTERRUPTED_EXIT_CODES else 'error'}: {message}", file=sys.stderr, flush=True)
+    print(
+        f"{prog}: {'interrupted' if exit_code in INTERRUPTED_EXIT_CODES else 'error'}: {message}",
+        file=sys.stderr,
+        flush=True,
+    )
     return exit_code

@@ -3,7 +3,7 @@ Ctrl-C (or a scheduler's SIGTERM) that saves before it exits, and a run that sto
 that is not finite.
 
     lock = OutputDirLock(output_dir)
-    lock.acquire()                       # TrainingStopped if a live run holds the folder; a dead run's lock is taken over
+    lock.acquire()      # TrainingStopped if a live run holds the folder; a dead run's lock is taken over
     with InterruptRequests() as interrupts:
         ...                              # the loop checks interrupts.requested at each step boundary
     lock.release()
@@ -79,7 +79,9 @@ class OutputDirLock:
                 os.fsync(f.fileno())
             self.held = True
             return
-        raise TrainingStopped(f"could not lock --output_dir '{self.path.parent}': another trainer keeps creating {self.path}")
+        raise TrainingStopped(
+            f"could not lock --output_dir '{self.path.parent}': another trainer keeps creating {self.path}"
+        )
 
     def _clear_stale_lock(self) -> None:
         holder = _read_json(self.path)
@@ -97,7 +99,11 @@ class OutputDirLock:
                     f"--output_dir '{folder}' is in use by another training run ({who}); wait for it to finish or "
                     "choose another --output_dir (two runs in one folder would overwrite each other's checkpoints)"
                 )
-            logger.warning("Taking over --output_dir '%s' from a run that is no longer running (%s): its lock was stale", folder, who)
+            logger.warning(
+                "Taking over --output_dir '%s' from a run that is no longer running (%s): its lock was stale",
+                folder,
+                who,
+            )
         else:
             logger.warning("Taking over --output_dir '%s': its lock file %s was unreadable", folder, self.path)
         # Moved aside first, so that of two trainers taking over at once only one removes it.
@@ -189,7 +195,11 @@ class InterruptRequests:
         self.requested = True
         self.exit_code = 128 + signum
         what = "Interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
-        print(f"{what}: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{what}: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _in_main_thread() -> bool:
@@ -203,7 +213,12 @@ def _in_main_thread() -> bool:
 
 
 def divergence_message(
-    step: int, what: str, *, learning_rate: float, text_encoder_lr: float | None, mixed_precision: str | None,
+    step: int,
+    what: str,
+    *,
+    learning_rate: float,
+    text_encoder_lr: float | None,
+    mixed_precision: str | None,
     last_checkpoint: Path | None,
 ) -> str:
     """Why the run stopped at a non-finite loss or weight, its likely causes, and what is left.

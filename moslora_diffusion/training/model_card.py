@@ -33,7 +33,15 @@ class ModelCard:
             "instance_prompt": self.instance_prompt,
             "license": self.license or self.family.license,
             "library_name": "diffusers",
-            "tags": ["text-to-image", "diffusers", "lora", "moslora", "dreambooth", "template:sd-lora", *self.family.hub_tags],
+            "tags": [
+                "text-to-image",
+                "diffusers",
+                "lora",
+                "moslora",
+                "dreambooth",
+                "template:sd-lora",
+                *self.family.hub_tags,
+            ],
         }
         if self.validation_images:
             meta["widget"] = [{"text": prompt, "output": {"url": name}} for name, prompt in self.validation_images]
@@ -49,7 +57,8 @@ class ModelCard:
             "",
             f"# MoSLoRA DreamBooth adapter for `{self.base_model}`",
             "",
-            f"A MoSLoRA (mixture-of-subspaces LoRA, Wu et al. 2024) adapter trained with DreamBooth on a {self.family.name} base. "
+            "A MoSLoRA (mixture-of-subspaces LoRA, Wu et al. 2024) adapter trained with DreamBooth "
+            f"on a {self.family.name} base. "
             f"Trigger it with the instance prompt: `{self.instance_prompt}`.",
             "",
             "The mixer M of delta W = s * B M A is folded into B for the plain LoRA files below, so they load in any "
@@ -78,14 +87,15 @@ class ModelCard:
             load_base = [
                 "from moslora_diffusion.testing import make_tiny_pipeline",
                 "",
-                f'pipe = make_tiny_pipeline("{self.base_model[len("tiny:"):]}")  # the tiny random base this was trained on',
+                f'pipe = make_tiny_pipeline("{self.base_model[len("tiny:") :]}")  # the tiny random base it trained on',
             ]
         else:
             load_base = [
                 "import torch",
                 "from diffusers import AutoPipelineForText2Image",
                 "",
-                f'pipe = AutoPipelineForText2Image.from_pretrained("{self.base_model}", torch_dtype=torch.float16).to("cuda")',
+                f'pipe = AutoPipelineForText2Image.from_pretrained("{self.base_model}", torch_dtype=torch.float16)',
+                'pipe = pipe.to("cuda")',
             ]
         lines += [
             "",

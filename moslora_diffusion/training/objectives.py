@@ -75,7 +75,9 @@ class NoisePrediction:
         noise = _gaussian_like(latents)
         if self.noise_offset:
             # A per-channel constant shift teaches very dark / bright images (Guttenberg, 2023).
-            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+            noise = noise + self.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype
+            )
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device).long()
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
@@ -94,7 +96,8 @@ class NoisePrediction:
 
 
 class FlowMatching:
-    """Rectified-flow matching on the base's FlowMatchEulerDiscrete schedule (shift included), as diffusers' SD3/Flux scripts."""
+    """Rectified-flow matching on the base's FlowMatchEulerDiscrete schedule (shift included), as diffusers'
+    SD3/Flux scripts."""
 
     def __init__(
         self,
@@ -114,7 +117,9 @@ class FlowMatching:
 
     @property
     def description(self) -> str:
-        return f"flow matching, weighting {self.weighting_scheme}" + (", preconditioned outputs" if self.precondition_outputs else "")
+        return f"flow matching, weighting {self.weighting_scheme}" + (
+            ", preconditioned outputs" if self.precondition_outputs else ""
+        )
 
     def add_noise(self, latents: torch.Tensor) -> NoisyLatents:
         noise = _gaussian_like(latents)

@@ -62,7 +62,9 @@ def generate_class_images(
     with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast():
         for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
             generators = [torch.Generator(device=device).manual_seed(seed * 100_003 + i) for i in batch]
-            images = pipeline(prompt=[class_prompt] * len(batch), generator=generators, output_type="pil", **call_kwargs).images
+            images = pipeline(
+                prompt=[class_prompt] * len(batch), generator=generators, output_type="pil", **call_kwargs
+            ).images
             for i, image in zip(batch, images):
                 with atomic_path(class_data_dir / f"class_{i:05d}.png") as tmp:
                     image.save(tmp, format="PNG")

@@ -80,6 +80,6 @@ def failed_processes(accelerator, failed: bool) -> list[int]:
 
 
 def describe_processes(indices: list[int]) -> str:
-    """"the main process", "process 1", "the main process and process 2"."""
+    """ "the main process", "process 1", "the main process and process 2"."""
     names = ["the main process" if i == 0 else f"process {i}" for i in indices]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

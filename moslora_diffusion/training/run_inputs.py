@@ -22,10 +22,10 @@ from .checkpoints import read_training_state, resolve_resume_checkpoint
 from .config import DEFAULT_PROG, RunConfig, UsageError, is_hub_id, parse_run_config
 from .data import read_training_images
 from .guards import LOCK_NAME, refuse_earlier_run_outputs
-from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
-from .validation import read_prompts_file
 from .init_lora import InitLoRA, read_init_lora
+from .optimizers import check_optimizer_args, missing_package, parse_optimizer_args
 from .quantization import BaseQuantization, resolve_quantization
+from .validation import read_prompts_file
 
 logger = logging.getLogger(__name__)
 

@@ -107,8 +107,11 @@ def generate_validation_images(
     extra = {"negative_prompt": negative_prompt} if negative_prompt else {}
     try:
         devices = [device] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(), model_cpu_offload(
-            pipeline, cpu_offload, device
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices),
+            autocast(),
+            model_cpu_offload(pipeline, cpu_offload, device),
         ):
             rows = []
             for i, prompt in enumerate(prompts):
