@@ -499,6 +499,9 @@ def _train(
             f"on {accelerator.num_processes} process(es): wrote {files} to {output_dir}",
             flush=True,
         )
+    # Every process tears down together: when a peer had already left while the main process was still
+    # validating, the gloo process group's destructor (run as the DDP reducer is freed) waited for it forever.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
 
