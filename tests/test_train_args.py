@@ -373,3 +373,13 @@ def test_the_torchvision_fallback_notices_of_transformers_are_silenced():
             [sys.executable, "-c", code.format("")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
         )
         assert "requires torchvision" in loud.stderr, loud.stderr
+
+
+def test_train_text_encoder_on_a_family_whose_encoders_stay_frozen_says_so(tmp_path, caplog):
+    from moslora_diffusion.training.run_inputs import parse_run
+
+    argv = ["--pretrained_model_name_or_path", "tiny:chroma", "--instance_data_dir", str(REPO / "samples" / "subject"),
+            "--instance_prompt", "a photo of sks shape", "--output_dir", str(tmp_path / "out"), "--train_text_encoder"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        parse_run(argv)
+    assert any("--train_text_encoder: chroma's text encoders stay frozen" in r.getMessage() for r in caplog.records)

@@ -124,6 +124,11 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
         report_to = "tensorboard" if _tensorboard_available() else "none"
     elif report_to == "tensorboard" and not _tensorboard_available():
         raise UsageError("--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)")
+    if config.train_text_encoder and not family.trainable_text_encoders:
+        logger.warning(
+            "--train_text_encoder: %s's text encoders stay frozen, as in diffusers' scripts (none can be trained here)",
+            family.name,
+        )
     if family.objective == "flow_matching" and (config.snr_gamma or config.noise_offset):
         logger.warning(
             "--snr_gamma and --noise_offset apply to noise prediction; %s trains with flow matching and ignores them",
