@@ -24,6 +24,21 @@ import torch.nn.functional as F
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+def model_index_classes(model_index: dict) -> dict[str, type | None]:
+    """Each component a pipeline's model_index.json names, as its class: None for the components a LoRA never
+    needs (:data:`UNUSED_COMPONENTS`) and for empty entries; settings (non-pair values) are left out."""
+    classes: dict[str, type | None] = {}
+    for name, spec in model_index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            continue
+        library, class_name = spec
+        if name in UNUSED_COMPONENTS or library is None or class_name is None:
+            classes[name] = None
+        else:
+            classes[name] = getattr(importlib.import_module(library), class_name)
+    return classes
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -151,14 +166,10 @@ class Family:
         ``component_kwargs[name]`` goes to that component's ``from_pretrained`` (e.g. a quantization config).
         """
         components: dict[str, Any] = {}
-        for name, spec in model_index.items():
-            if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
-                continue
-            library, class_name = spec
-            if name in UNUSED_COMPONENTS or library is None or class_name is None:
+        for name, component_cls in model_index_classes(model_index).items():
+            if component_cls is None:
                 components[name] = None
                 continue
-            component_cls = getattr(importlib.import_module(library), class_name)
             location, subfolder = (vae_source, None) if name == "vae" and vae_source else (source, name)
             kwargs: dict[str, Any] = {"subfolder": subfolder, "revision": revision}
             if issubclass(component_cls, torch.nn.Module):

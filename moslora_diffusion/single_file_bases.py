@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .families import UNUSED_COMPONENTS, family_of_model_dir
+from .families import UNUSED_COMPONENTS, family_of_model_dir, model_index_classes
 from .single_file import SINGLE_FILE_LAYOUTS
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -190,7 +190,6 @@ def load_single_file_components(
     come from ``base_config`` (a local diffusers folder of the same family). The scheduler of a file with
     a "v_pred" marker predicts v.
     """
-    import importlib
 
     from safetensors.torch import load_file
 
@@ -209,14 +208,10 @@ def load_single_file_components(
     keys = set(checkpoint)
     in_file = {c: (kind, prefix) for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if _holds(keys, kind, prefix)}
     components: dict[str, Any] = {}
-    for name, spec in model_index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
-            continue
-        library, class_name = spec
-        if name in UNUSED_COMPONENTS or library is None or class_name is None:
+    for name, component_cls in model_index_classes(model_index).items():
+        if component_cls is None:
             components[name] = None
             continue
-        component_cls = getattr(importlib.import_module(library), class_name)
         if name not in in_file:
             kwargs = {"use_safetensors": True} if issubclass(component_cls, torch.nn.Module) else {}
             components[name] = component_cls.from_pretrained(config_dir, subfolder=name, **kwargs)
