@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_support import PROMPT, native_adapter, run_main, tiny_run_argv, train
+from train_support import PROMPT, native_adapter, run_main, saved_hf_dataset, tiny_run_argv, train
 
 from moslora_diffusion.fileio import load_safetensors
 from moslora_diffusion.formats import NATIVE_HEADER_KEY, WEIGHT_NAMES
@@ -73,11 +73,27 @@ def _bucketed_dataset(tmp_path) -> list[str]:
     return ["--dataset_config", str(tmp_path / "data.toml"), "--prior_loss_weight", "0.5"]
 
 
-RESUME_DATA = {"folder": lambda tmp_path: [], "kohya-buckets-repeats-reg": _bucketed_dataset}
+def _hf_dataset(tmp_path) -> list[str]:
+    """A save_to_disk dataset (images stored inside it) with captions for two of three rows, in buckets."""
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((96, 32), (32, 96), (32, 32))
+    ]
+    dataset = saved_hf_dataset(tmp_path / "saved", images, ["sks cross, red", None, "sks cross, small"])
+    return ["--dataset_name", str(dataset), "--enable_bucket", "--min_bucket_reso", "16", "--bucket_reso_steps", "16",
+            "--caption_dropout_rate", "0.3"]  # fmt: skip
+
+
+RESUME_DATA = {
+    "folder": lambda tmp_path: [],
+    "kohya-buckets-repeats-reg": _bucketed_dataset,
+    "hf-dataset-buckets": _hf_dataset,
+}
 
 
 @pytest.mark.parametrize("data", RESUME_DATA)
-def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, data):
+def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("MOSLORA_CACHE_DIR", str(tmp_path / "cache"))
     flags = [*RESUME_FLAGS, *RESUME_DATA[data](tmp_path)]
     whole = train("sd15", tmp_path / "whole", *flags, "--max_train_steps", "4", "--checkpointing_steps", "10")
     # Stop after step 2 (a checkpoint mid-epoch), then continue to step 4 from it.

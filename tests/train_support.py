@@ -17,8 +17,8 @@ PROMPT = "a photo of sks cross"
 
 def tiny_run_argv(family: str, output_dir: Path, *extra: str) -> list[str]:
     """Flags for a few-step run at 32 px: 2 steps, one 2-step validation image, no TensorBoard, seed 0;
-    on samples/subject unless ``extra`` names a --dataset_config."""
-    data = [] if "--dataset_config" in extra else ["--instance_data_dir", str(SUBJECT)]
+    on samples/subject unless ``extra`` names a --dataset_config or --dataset_name."""
+    data = [] if {"--dataset_config", "--dataset_name"} & set(extra) else ["--instance_data_dir", str(SUBJECT)]
     return [
         "--pretrained_model_name_or_path", f"tiny:{family}",
         *data,
@@ -54,3 +54,15 @@ def train(family: str, output_dir: Path, *extra: str) -> Path:
 
 def native_adapter(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(Path(output_dir) / "moslora_weights.safetensors")[0]
+
+
+def saved_hf_dataset(folder: Path, images: list, captions: list[str | None], **columns: str) -> Path:
+    """A Hugging Face dataset written with save_to_disk (images stored as bytes inside it): ``images`` are
+    PIL images, ``captions`` the text column (None: a row without a caption). ``columns`` renames the
+    "image" and "text" columns (e.g. image="photo")."""
+    import datasets
+
+    image, text = columns.get("image", "image"), columns.get("text", "text")
+    features = datasets.Features({image: datasets.Image(), text: datasets.Value("string")})
+    datasets.Dataset.from_dict({image: images, text: captions}, features=features).save_to_disk(str(folder))
+    return folder

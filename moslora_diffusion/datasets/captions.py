@@ -93,8 +93,23 @@ def read_captions(
         if caption is None:
             missing.append(image)
         captions.append(caption if caption is not None else (fallback or ""))
-    _report_missing(missing, len(images), fallback, caption_extension, source)
+    _report_missing(missing, len(images), fallback, f"{caption_extension} files or metadata", source)
     return captions
+
+
+def captions_or_fallback(
+    captions: Sequence[str | None], images: Sequence[Path], fallback: str | None, source: str
+) -> list[str]:
+    """The captions a dataset gives with its images (None: none); a blank one warns, and those missing are
+    ``fallback`` (else "")."""
+    result, missing = [], []
+    for caption, image in zip(captions, images):
+        text = _first_line(caption, f"{image.name} in {source}") if caption is not None else None
+        if text is None:
+            missing.append(image)
+        result.append(text if text is not None else (fallback or ""))
+    _report_missing(missing, len(images), fallback, "no caption column", source)
+    return result
 
 
 def _sidecar_caption(path: Path) -> str | None:
@@ -184,12 +199,12 @@ def _csv_rows(path: Path, text: str, caption_column: str) -> list[tuple[int, dic
         raise CaptionError(f"{path}: not a valid CSV file ({err})") from None
 
 
-def _report_missing(missing: list[Path], total: int, fallback: str | None, extension: str, source: str) -> None:
+def _report_missing(missing: list[Path], total: int, fallback: str | None, searched: str, source: str) -> None:
     if not missing:
         return
     using = f"using {fallback!r}" if fallback else "using the empty caption (set a fallback prompt or class_tokens)"
     if len(missing) == total and fallback:
-        logger.info("%s: no captions (%s files or metadata); %s for all %d images", source, extension, using, total)
+        logger.info("%s: no captions (%s); %s for all %d images", source, searched, using, total)
     else:
         logger.warning(
             "%s: %d of %d images have no caption (%s); %s", source, len(missing), total, names(missing), using

@@ -24,8 +24,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .buckets import BucketChoice, BucketOptions, BucketSelector, Placement, Size, apply_placement, place
-from .captions import CaptionOptions, caption_rng, process_caption, read_captions
-from .images import load_image, names, upright_size, usable_images
+from .captions import CaptionOptions, caption_rng, captions_or_fallback, process_caption, read_captions
+from .hf_dataset import DatasetRow
+from .images import load_image, names, readable_files, upright_size, usable_images
 from .kohya_config import DatasetSpec, SubsetSpec
 from .masks import MaskError, find_masks, load_mask, mask_weights, unmasked_weights
 from .sampler import BucketGroup
@@ -59,18 +60,22 @@ def dataset_spec_from_folders(
     random_crop: bool = False,
     alpha_mask: bool = False,
     mask_data_dir: str | Path | None = None,
+    instance_rows: Sequence[DatasetRow] | None = None,
+    source: str = "--instance_data_dir",
 ) -> DatasetSpec:
     """The flag route (--instance_data_dir and friends) as one dataset: instance subset, optional reg subset.
 
-    ``resolution`` None: not known yet (the base's default); set it before :func:`select_buckets`."""
+    ``resolution`` None: not known yet (the base's default); set it before :func:`select_buckets`.
+    ``instance_rows``: the instance images are a dataset's rows (--dataset_name), not the folder's files."""
     size = (
         None if resolution is None else (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     )
     shared = {"caption_extension": caption_extension, "flip_aug": random_flip, "random_crop": random_crop}
     mask_dir = Path(mask_data_dir) if mask_data_dir else None
     options = caption or CaptionOptions()
+    rows = None if instance_rows is None else tuple(instance_rows)
     subsets = [SubsetSpec(Path(instance_data_dir), class_tokens=instance_prompt, caption=options, alpha_mask=alpha_mask,
-                          mask_dir=mask_dir, source="--instance_data_dir", **shared)]  # fmt: skip
+                          mask_dir=mask_dir, source=source, rows=rows, **shared)]  # fmt: skip
     if class_data_dir is not None:
         subsets.append(
             SubsetSpec(
@@ -93,11 +98,7 @@ def read_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") ->
     for d, spec in enumerate(specs):
         for s, subset in enumerate(spec.subsets):
             source = subset.source or f"datasets[{d}].subsets[{s}]"
-            images = usable_images(subset.image_dir, source)
-            captions = read_captions(
-                images, caption_extension=subset.caption_extension, caption_column=caption_column,
-                fallback=subset.class_tokens, source=source,
-            )  # fmt: skip
+            images, captions = _images_and_captions(subset, source, caption_column)
             masks = (
                 find_masks(images, subset.mask_dir, f"{source}.mask_dir") if subset.mask_dir else [None] * len(images)
             )
@@ -107,6 +108,21 @@ def read_datasets(specs: Sequence[DatasetSpec], caption_column: str = "text") ->
             for path, caption, size, mask in zip(images, captions, sizes, masks):
                 records.append(ImageRecord(path, caption, size, None, d, subset, None if subset.is_reg else mask))
     return records
+
+
+def _images_and_captions(subset: SubsetSpec, source: str, caption_column: str) -> tuple[list[Path], list[str]]:
+    """A subset's readable images and their captions: a dataset's rows, or image_dir's files."""
+    if subset.rows is not None:
+        readable = set(readable_files([row.image for row in subset.rows], source))
+        rows = [row for row in subset.rows if row.image in readable]
+        images = [row.image for row in rows]
+        return images, captions_or_fallback([row.caption for row in rows], images, subset.class_tokens, source)
+    images = usable_images(subset.image_dir, source)
+    captions = read_captions(
+        images, caption_extension=subset.caption_extension, caption_column=caption_column,
+        fallback=subset.class_tokens, source=source,
+    )  # fmt: skip
+    return images, captions
 
 
 def select_buckets(records: Sequence[ImageRecord], specs: Sequence[DatasetSpec]) -> list[ImageRecord]:

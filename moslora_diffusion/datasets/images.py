@@ -75,6 +75,18 @@ def usable_images(folder: str | Path, source: str) -> list[Path]:
     return readable
 
 
+def readable_files(paths: Sequence[Path], source: str) -> list[Path]:
+    """``paths`` (image files listed by a dataset) without those that cannot be decoded: skipped with one warning
+    naming them. Raises :class:`ImageReadError` when none is readable."""
+    readable = [path for path in paths if _decodes(path)]
+    if not readable:
+        raise ImageReadError(f"{source}: none of its {len(paths)} images is readable ({names(list(paths))})")
+    if len(readable) < len(paths):
+        skipped = [path for path in paths if path not in set(readable)]
+        logger.warning("Skipping %d unreadable image(s) of %s: %s", len(skipped), source, names(skipped))
+    return readable
+
+
 def _decodes(path: Path) -> bool:
     """Whether the image decodes fully (a truncated file opens, then fails here rather than mid-training)."""
     try:

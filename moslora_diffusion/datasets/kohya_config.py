@@ -22,6 +22,7 @@ import tomllib
 
 from .buckets import BucketOptions, Size
 from .captions import CaptionOptions
+from .hf_dataset import DatasetRow
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class SubsetSpec:
     alpha_mask: bool = False
     mask_dir: Path | None = None
     source: str | None = None  # how messages name it: a flag (--instance_data_dir); None: its table in the file
+    # The images and captions of a Hugging Face dataset (--dataset_name), used instead of image_dir's files.
+    rows: tuple[DatasetRow, ...] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,27 @@ class RunConfig:
         "entry) train on --instance_prompt. Default .txt (.caption inside a --dataset_config file, as kohya).",
         group=_DATA,
     )
-    caption_column: str = flag(
-        "text", "Text column of a folder's metadata.jsonl / metadata.csv (with a file_name column).", group=_DATA
+    dataset_name: str | None = flag(
+        None,
+        "A Hugging Face dataset instead of --instance_data_dir: a Hub id, a local dataset folder (e.g. images with a "
+        "metadata.jsonl), or a save_to_disk folder; its train split, read with --image_column and --caption_column. "
+        "Needs pip install datasets.",
+        group=_DATA,
+    )
+    dataset_config_name: str | None = flag(
+        None, "The configuration of --dataset_name (load_dataset's second argument).", group=_DATA
+    )
+    image_column: str = flag("image", "The image column of --dataset_name.", group=_DATA)
+    caption_column: str | None = flag(
+        None,
+        "The caption column: of --dataset_name (default: 'text' where it has one, else --instance_prompt for every "
+        "image), or of a folder's metadata.jsonl / metadata.csv beside a file_name column (default: 'text').",
+        group=_DATA,
+    )
+    cache_dir: str | None = flag(
+        None,
+        "Where --dataset_name's downloads and Arrow files go (default: Hugging Face's, ~/.cache/huggingface).",
+        group=_DATA,
     )
     caption_dropout_rate: float = flag(
         0.0, "Probability of training a sample on the empty prompt (for classifier-free guidance).", group=_DATA
@@ -565,6 +584,7 @@ _INPUT_PATH_KEYS = (
     "class_data_dir",
     "mask_data_dir",
     "dataset_config",
+    "dataset_name",
     "pretrained_model_name_or_path",
     "pretrained_vae_model_name_or_path",
     "validation_prompts_file",
@@ -648,10 +668,12 @@ def parse_run_config(argv: list[str] | None = None, prog: str = DEFAULT_PROG) ->
     config_argv = []
     if known.config:
         values = load_config_file(known.config)
-        # The images come from one source: one named on the command line replaces the file's other one.
-        for given, replaced in (("dataset_config", "instance_data_dir"), ("instance_data_dir", "dataset_config")):
+        # The images come from one source: one named on the command line replaces the file's others.
+        for given in IMAGE_SOURCES:
             if _on_command_line(argv if argv is not None else sys.argv[1:], given):
-                values.pop(replaced, None)
+                for replaced in IMAGE_SOURCES:
+                    if replaced != given:
+                        values.pop(replaced, None)
         config_argv = _config_to_argv(parser, values, Path(known.config))
     namespace = parser.parse_args(config_argv + list(argv if argv is not None else sys.argv[1:]))
     config = RunConfig(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(RunConfig)})
@@ -671,8 +693,8 @@ def _checked(config: RunConfig) -> RunConfig:
     _require(
         config, "pretrained_model_name_or_path", "a diffusers pipeline folder, hub id, or tiny:sd15 for a smoke run"
     )
-    if config.dataset_config is None:
-        _require(config, "instance_data_dir", "the folder with your subject's images, or --dataset_config FILE.toml")
+    _check_one_image_source(config)
+    if config.dataset_config is None and config.dataset_name is None:
         _require(config, "instance_prompt", "the prompt naming your subject, e.g. 'a photo of sks dog'")
     config = _with_implied_flags(config)
     _check_data_flags(config)
@@ -785,14 +807,27 @@ def _with_implied_flags(config: RunConfig) -> RunConfig:
     )
 
 
+IMAGE_SOURCES = ("dataset_config", "instance_data_dir", "dataset_name")  # each names all the training images
+
+
+def _check_one_image_source(config: RunConfig) -> None:
+    given = [f"--{name}" for name in IMAGE_SOURCES if getattr(config, name) not in (None, "")]
+    if not given:
+        raise UsageError(
+            "--instance_data_dir is required (the folder with your subject's images), or --dataset_config FILE.toml, "
+            "or --dataset_name (a Hugging Face dataset)"
+        )
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} both name the training images; give one")
+
+
 def _check_data_flags(config: RunConfig) -> None:
     """Combinations of data flags that cannot work together, each refused in one line."""
+    if config.dataset_name is not None and config.mask_data_dir:
+        raise UsageError(
+            "--mask_data_dir matches masks to image files by name; with --dataset_name use --alpha_mask (RGBA images)"
+        )
     if config.dataset_config is not None:
-        if config.instance_data_dir:
-            raise UsageError(
-                "--dataset_config and --instance_data_dir both name the training images; give one (a subset of "
-                "the dataset file for the folder)"
-            )
         if config.with_prior_preservation:
             raise UsageError(
                 "--with_prior_preservation generates class images for --instance_data_dir; with --dataset_config "

@@ -4,7 +4,8 @@
     specs, records = with_class_images(specs, records, ...) # prior preservation: generated class images as reg
     data = build_training_data(specs, records, ...)         # buckets, repeats, the sharded resumable sampler
 
-The flag route (``--instance_data_dir`` and friends) becomes one dataset spec
+The flag route (``--instance_data_dir`` and friends, or ``--dataset_name``: a Hugging Face dataset's rows, see
+:mod:`~moslora_diffusion.datasets.hf_dataset`) becomes one dataset spec
 (:func:`~moslora_diffusion.datasets.dataset.dataset_spec_from_folders`), a kohya file (``--dataset_config``)
 its own (:func:`~moslora_diffusion.datasets.kohya_config.load_dataset_config`, the flags filling in what the
 file leaves out, as kohya does); both are read, bucketed and batched alike. Without --enable_bucket every
@@ -42,6 +43,7 @@ from ..datasets.dataset import (
     read_datasets,
     select_buckets,
 )
+from ..datasets.hf_dataset import DEFAULT_CAPTION_COLUMN, HFDatasetError, load_rows
 from ..datasets.images import ImageReadError
 from ..datasets.kohya_config import DatasetConfigError, DatasetSpec, load_dataset_config
 from ..datasets.masks import MaskError
@@ -51,7 +53,7 @@ from .config import RunConfig, UsageError
 logger = logging.getLogger(__name__)
 
 # Every error of the data layer is one line for the user (exit status 2).
-DATA_ERRORS = (ImageReadError, CaptionError, DatasetConfigError, BucketError, MaskError)
+DATA_ERRORS = (ImageReadError, CaptionError, DatasetConfigError, BucketError, MaskError, HFDatasetError)
 
 
 def cache_root() -> Path:
@@ -88,8 +90,17 @@ def dataset_specs(config: RunConfig) -> tuple[DatasetSpec, ...]:
             **dataclasses.asdict(bucket_options(config)),
         }
         return load_dataset_config(config.dataset_config, fallbacks)
+    rows = None
+    if config.dataset_name is not None:
+        rows = load_rows(
+            config.dataset_name, image_column=config.image_column, caption_column=config.caption_column,
+            config_name=config.dataset_config_name, cache_dir=config.cache_dir,
+            images_dir=cache_root() / "dataset_images",
+        )  # fmt: skip
     spec = dataset_spec_from_folders(
-        config.instance_data_dir,
+        config.instance_data_dir or config.dataset_name,
+        instance_rows=rows,
+        source="--dataset_name" if rows is not None else "--instance_data_dir",
         resolution=config.resolution,
         instance_prompt=config.instance_prompt,
         batch_size=config.train_batch_size,
@@ -117,7 +128,7 @@ def read_training_images(config: RunConfig, family) -> tuple[tuple[DatasetSpec, 
         for spec in specs:
             if spec.resolution is not None or spec.buckets.enable_bucket:
                 check_bucket_sides(spec.resolution, spec.buckets, family.resolution_multiple, family.name)
-        records = read_datasets(specs, config.caption_column)
+        records = read_datasets(specs, config.caption_column or DEFAULT_CAPTION_COLUMN)
     except DATA_ERRORS as err:
         raise UsageError(str(err)) from None
     subsets = [subset for spec in specs for subset in spec.subsets]
@@ -139,7 +150,7 @@ def with_class_images(
     class_data_dir: str,
     class_prompt: str,
     num_class_images: int,
-    caption_column: str,
+    caption_column: str | None,
 ) -> tuple[tuple[DatasetSpec, ...], list[ImageRecord]]:
     """The flag route's dataset with --class_data_dir's first ``num_class_images`` images as reg samples.
 
@@ -148,10 +159,11 @@ def with_class_images(
     instance = spec.subsets[0]
     class_subset = dataclasses.replace(
         instance, image_dir=Path(class_data_dir), is_reg=True, class_tokens=class_prompt, alpha_mask=False,
-        mask_dir=None, caption=CaptionOptions(), source="--class_data_dir",
+        mask_dir=None, caption=CaptionOptions(), source="--class_data_dir", rows=None,
     )  # fmt: skip
     try:
-        class_records = read_datasets((dataclasses.replace(spec, subsets=(class_subset,)),), caption_column)
+        class_spec = dataclasses.replace(spec, subsets=(class_subset,))
+        class_records = read_datasets((class_spec,), caption_column or DEFAULT_CAPTION_COLUMN)
     except DATA_ERRORS as err:
         raise UsageError(str(err)) from None
     class_records = class_records[:num_class_images]
