@@ -252,22 +252,38 @@ def cache_latents(
     vae: torch.nn.Module,
     folder: Path | None,
     progress: Callable = lambda items, **kwargs: items,
+    *,
+    rank: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], None] = lambda: None,
 ) -> TensorCache:
     """Encode every (image, flip) placement once and hand the dataset the VAE posteriors (``encode``'s output).
 
     With ``folder``, entries are read from and written to the disk cache there, keyed by the image's bytes,
-    the VAE's weights and dtype, and the placement; a later run encodes only what changed."""
+    the VAE's weights and dtype, and the placement; a later run encodes only what changed. Several processes
+    share the disk cache: process ``rank`` fills every ``num_processes``-th entry, then (after
+    ``wait_for_everyone``) reads the others' (an entry another process failed to write is encoded here)."""
     cache = TensorCache(folder, "latent")
     fingerprint = weights_fingerprint(vae) if folder is not None else ""
     dtype = str(next(vae.parameters()).dtype)
+    placements = dataset.cached_placements()
+    shared = folder is not None and num_processes > 1
+    own = placements[rank::num_processes] if shared else placements
     latents = {}
-    for record_index, placement in progress(dataset.cached_placements(), desc="Caching latents"):
-        record = dataset.records[record_index]
 
-        def compute(record=record, placement=placement):
-            return {"latent_parameters": encode(dataset.pixels(record, placement)[0][None])[0]}
+    def fill(items):
+        for record_index, placement in items:
+            record = dataset.records[record_index]
 
-        entry = cache.get_or_compute(latent_cache_key(record.path, fingerprint, placement, extra=dtype), compute)
-        latents[(record_index, placement.flip)] = entry["latent_parameters"].cpu()
+            def compute(record=record, placement=placement):
+                return {"latent_parameters": encode(dataset.pixels(record, placement)[0][None])[0]}
+
+            entry = cache.get_or_compute(latent_cache_key(record.path, fingerprint, placement, extra=dtype), compute)
+            latents[(record_index, placement.flip)] = entry["latent_parameters"].cpu()
+
+    fill(progress(own, desc="Caching latents"))
+    if shared:
+        wait_for_everyone()  # every process has written its share
+        fill(item for i, item in enumerate(placements) if i % num_processes != rank)
     dataset.latents = latents
     return cache

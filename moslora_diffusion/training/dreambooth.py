@@ -245,8 +245,15 @@ def _train(
             components["vae"],
             cache_root() / "latents" if config.cache_latents_to_disk else None,
             progress=_progress(accelerator),
+            rank=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            wait_for_everyone=accelerator.wait_for_everyone,
         )
-        logger.info("Latents: %d encoded, %d from the cache", latent_cache.computed, latent_cache.hits)
+        counts = accelerator.gather(torch.tensor([[latent_cache.computed, latent_cache.hits]])).tolist()
+        logger.info(
+            "Latents: %d encoded (by process: %s), %d read from the cache",
+            sum(c for c, _ in counts), ", ".join(str(c) for c, _ in counts), sum(h for _, h in counts),
+        )  # fmt: skip
         offloaded.names.append("vae")
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(sampler) / accumulation)
