@@ -95,3 +95,15 @@ def test_memory_projection_recovers_a_linear_model():
     assert projected["weights_gb"] == pytest.approx(1 + 2 * shape.full_depth)
     assert projected["step_fixed_gb"] == pytest.approx(0.5 + 0.1 * shape.full_depth)
     assert projected["activations_gb"] * gb == pytest.approx((1000 + shape.kept_per_token) * tokens_1024)
+
+
+def test_offloaded_encoders_have_the_released_models_parameter_counts():
+    """bench_memory --encoders builds CLIP-L, CLIP-bigG, T5-XXL and the VAEs from configs: as large as released."""
+    from benchmarks import bench_memory
+
+    counts = {(family, component): count for family in ("sdxl", "flux")
+              for component, _, count, _ in bench_memory.encoder_parameter_bytes(family)}  # fmt: skip
+    assert counts[("sdxl", "text_encoder (CLIP-L)")] == 123_060_480  # openai/clip-vit-large-patch14 text tower
+    assert counts[("sdxl", "text_encoder_2 (CLIP-bigG)")] == 694_659_840  # SDXL's text_encoder_2
+    assert counts[("flux", "text_encoder_2 (T5-XXL)")] == 4_762_310_656  # google/t5-v1_1-xxl's encoder
+    assert 83e6 < counts[("sdxl", "vae")] < counts[("flux", "vae")] < 84e6
