@@ -128,6 +128,13 @@ def test_dataset_name_refuses_flags_it_cannot_go_with(tmp_path, capsys, flags, e
     assert expected in capsys.readouterr().err
 
 
+def test_a_dataset_without_captions_needs_the_instance_prompt(tmp_path, capsys):
+    dataset = saved_hf_dataset(tmp_path / "saved", _images(), ["x"] * 3, text="notes")
+    argv = [a for a in _argv(tmp_path, dataset) if a not in ("--instance_prompt", PROMPT)]
+    assert run_main(argv) == 2
+    assert "has no caption column 'text': name it with --caption_column" in capsys.readouterr().err
+
+
 def test_a_missing_local_dataset_is_one_line_without_asking_the_hub(tmp_path):
     with pytest.raises(HFDatasetError, match="no such folder"):
         load_rows(str(tmp_path / "nope"), images_dir=tmp_path)

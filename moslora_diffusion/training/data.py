@@ -97,6 +97,11 @@ def dataset_specs(config: RunConfig) -> tuple[DatasetSpec, ...]:
             config_name=config.dataset_config_name, cache_dir=config.cache_dir,
             images_dir=cache_root() / "dataset_images",
         )  # fmt: skip
+        if not config.instance_prompt and all(row.caption is None for row in rows):
+            raise UsageError(
+                f"--dataset_name '{config.dataset_name}' has no caption column '{config.caption_column or 'text'}': "
+                "name it with --caption_column, or give --instance_prompt for every image"
+            )
     spec = dataset_spec_from_folders(
         config.instance_data_dir or config.dataset_name,
         instance_rows=rows,
