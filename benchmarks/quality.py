@@ -232,10 +232,6 @@ def method_flags(method: str, args) -> list[str]:
 
 
 def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir: Path) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from moslora_diffusion.training.entry import main
-
     argv = [
         "--pretrained_model_name_or_path", args.base,
         "--instance_data_dir", args.train_subject,
@@ -265,6 +261,15 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         "--report_to", "tensorboard",
         *method_flags(method, args),
     ]  # fmt: skip
+    run_trainer(argv, f"training {method} (seed {seed})")
+
+
+def run_trainer(argv: list[str], what: str) -> None:
+    """The real trainer in this process (accelerate's singletons reset around it, so runs can follow each other)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moslora_diffusion.training.entry import main
+
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
@@ -273,7 +278,7 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     if code != 0:
-        raise SystemExit(f"quality.py: training {method} (seed {seed}) failed with exit code {code}")
+        raise SystemExit(f"quality.py: {what} failed with exit code {code}")
 
 
 def read_losses(run_dir: Path) -> list[float]:
