@@ -94,6 +94,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--ranks", default="2,4,8,16,32", help="ranks of the --sweep")
     p.add_argument(
+        "--cells",
+        default=None,
+        help="--sweep: an explicit list of METHOD@RANK instead of every method at every rank (a fractional design; "
+        "each rank given needs lora@RANK)",
+    )
+    p.add_argument(
+        "--report_only", action="store_true", help="--sweep: tabulate the runs in sweep_runs.jsonl, train nothing"
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="--sweep: keep the runs already in OUTPUT_DIR/sweep_runs.jsonl (written as each run ends) and run the rest",
@@ -134,8 +143,20 @@ def parse_args(argv=None):
         p.error("--sweep compares every setting with plain LoRA at the same rank: --methods must include lora")
     try:
         args.ranks = [int(r) for r in args.ranks.split(",")]
+        if args.cells:
+            args.cells = [(m, int(r)) for m, r in (cell.split("@") for cell in args.cells.split(","))]
+        else:
+            args.cells = [(m, r) for r in args.ranks for m in args.methods]
     except ValueError:
-        p.error(f"--ranks takes comma-separated integers, not {args.ranks!r}")
+        p.error(f"--ranks takes comma-separated integers and --cells METHOD@RANK pairs, not {args.ranks!r}")
+    args.methods = list(dict.fromkeys(m for m, _ in args.cells)) if args.sweep else args.methods
+    args.ranks = sorted({r for _, r in args.cells}) if args.sweep else args.ranks
+    unknown = sorted({m for m, _ in args.cells} - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.sweep and any(("lora", r) not in args.cells for r in args.ranks):
+        p.error("--sweep compares every setting with plain LoRA at the same rank: --cells needs lora@RANK at each rank")
+    args.resume = args.resume or args.report_only
     return args
 
 
@@ -595,7 +616,7 @@ def sweep_table(results: dict, args, base_figures: dict, all_comparisons: dict) 
     for rank in args.ranks:
         for method in args.methods:
             cell = (method, rank)
-            if cell not in results:
+            if cell not in args.cells or cell not in results:
                 continue
             cells = []
             for metric in METRICS:
@@ -623,11 +644,10 @@ def draw_sweep(path: Path, results: dict, args) -> None:
     for k, metric in enumerate(METRICS):
         x0 = k * W
         means = {
-            m: [mean_spread([r[metric] for r in results[(m, rank)]])[0] for rank in sorted(args.ranks)]
+            m: [(q, mean_spread([r[metric] for r in results[(m, q)]])[0]) for q in args.ranks if (m, q) in results]
             for m in args.methods
-            if all((m, rank) in results for rank in args.ranks)
         }
-        values = [v for ys in means.values() for v in ys if not math.isnan(v)]
+        values = [v for ys in means.values() for _, v in ys if not math.isnan(v)]
         lo, hi = (0.0, 1.0) if metric != "final_loss" else (min(values, default=0), max(values, default=1))
         hi = hi if hi > lo else lo + 1
         draw.rectangle((x0 + pad, 20, x0 + W - 10, H - pad), outline="black")
@@ -642,12 +662,13 @@ def draw_sweep(path: Path, results: dict, args) -> None:
             colour = palette[j % len(palette)]
             pts = [
                 (
-                    x0 + pad + 8 + (W - 26 - pad) * i / max(1, len(xs) - 1),
+                    x0 + pad + 8 + (W - 26 - pad) * xs[q] / max(1, len(xs) - 1),
                     H - pad - (H - pad - 20) * (y - lo) / (hi - lo),
                 )
-                for i, y in enumerate(ys)
+                for q, y in ys
             ]
-            draw.line(pts, fill=colour, width=3 if method == "lora" else 2)
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=3 if method == "lora" else 2)
             for x, y in pts:
                 draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
     for j, method in enumerate(args.methods):
@@ -685,23 +706,32 @@ def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
             print(f"{method} r{rank} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
             shutil.rmtree(runs_dir / f"{method}-r{rank}-seed{seed}", ignore_errors=True)
 
-    run([(m, r, r) for r in args.ranks for m in args.methods])
-    comparisons = {r: compare(results, ("lora", r), [(m, r) for m in args.methods if m != "lora"]) for r in args.ranks}
+    if not args.report_only:
+        run([(m, r, r) for m, r in args.cells])
+    comparisons = {
+        r: compare(
+            results, ("lora", r), [(m, q) for m, q in args.cells if q == r and m != "lora" and (m, q) in results]
+        )
+        for r in args.ranks
+    }
     found = [w for r in args.ranks for w in wins(results, ("lora", r), comparisons[r])]
     # Where a MoSLoRA setting beats LoRA: is it the mixer, its initial A, or its r^2 extra parameters?
     control_ranks = sorted({cell[1] for cell, *_ in found})
     matched = {r: matched_rank(args.base, r, target_modules_arg(args))[0] for r in control_ranks}
-    run([(m, r, matched[r] if m == "lora_matched" else r) for r in control_ranks for m in SWEEP_CONTROLS])
-    control_comparisons = {}
-    for cell in sorted({cell for cell, *_ in found}):
-        for control in SWEEP_CONTROLS:
-            control_comparisons[(cell, control)] = compare(results, (control, cell[1]), [cell])
+    if not args.report_only:
+        run([(m, r, matched[r] if m == "lora_matched" else r) for r in control_ranks for m in SWEEP_CONTROLS])
+    control_comparisons = {
+        (cell, control): compare(results, (control, cell[1]), [cell])
+        for cell in sorted({cell for cell, *_ in found})
+        for control in SWEEP_CONTROLS
+        if (control, cell[1]) in results  # --report_only: controls not run yet
+    }
     minutes = (time.perf_counter() - started) / 60
 
     lines = [protocol(args, minutes), ""]
     lines.append(
         "Each setting against plain LoRA (`lora`) at the same rank: exact two-sided rank-sum p-value, and Holm's "
-        f"correction over the {len(args.methods) - 1} settings compared at that rank (one family per rank and metric)."
+        "correction over the settings compared at that rank (one family per rank and metric)."
     )
     lines += ["", sweep_table(results, args, base_figures, comparisons)]
     if found:
@@ -709,15 +739,15 @@ def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
         lines += ["| setting (rank) | metric | its mean | lora's | Holm p | vs init_only p | vs lora_matched p |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for cell, metric, mine, theirs, q in found:
-            ps = [control_comparisons[(cell, c)][metric][cell][0] for c in SWEEP_CONTROLS]
+            ps = [control_comparisons.get((cell, c), {}).get(metric, {}).get(cell) for c in SWEEP_CONTROLS]
             lines.append(
                 f"| {cell[0]} ({cell[1]}) | {metric} | {mine:.2f} | {theirs:.2f} | {q:.3f} | "
-                + " | ".join(f"{p:.3f}" for p in ps)
+                + " | ".join("not run" if p is None else f"{p[0]:.3f}" for p in ps)
                 + " |"
             )
         lines.append("")
         for r in control_ranks:
-            for c in SWEEP_CONTROLS:
+            for c in (c for c in SWEEP_CONTROLS if (c, r) in results):
                 m = {k: mean_spread([x[k] for x in results[(c, r)]])[0] for k in METRICS}
                 lines.append(f"- {c} at rank {r} (trained rank {results[(c, r)][0]['trained_rank']}): " + ", ".join(
                     f"{k} {v:.2f}" for k, v in m.items()))  # fmt: skip
