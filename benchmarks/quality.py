@@ -500,9 +500,10 @@ def target_modules_arg(args):
 
 def protocol(args, minutes: float) -> str:
     captions = "captioned subject" if args.captions else "one instance prompt"
+    batch = "subject images, no prior preservation" if args.no_prior_preservation else "subject + class images"
     return (
-        f"DreamBooth on {Path(args.base).name}, {captions}: {args.steps} steps, batch {args.batch_size} (instance + "
-        f"class images), lr {args.learning_rate}, {args.seeds} seed(s), {args.images} images per subject prompt, "
+        f"DreamBooth on {Path(args.base).name}, {captions}: {args.steps} steps, batch {args.batch_size} ({batch}), "
+        f"lr {args.learning_rate}, {args.seeds} seed(s), {args.images} images per subject prompt, "
         f"{args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; {minutes:.1f} min with {args.jobs} job(s) of "
         f"{args.threads} thread(s)"
     )
