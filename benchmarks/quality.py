@@ -59,7 +59,17 @@ METHODS: dict[str, list[str]] = {
     "moslora_orth": ["--mixer_init", "orthogonal"],
     "init_only": ["--mixer_init", "kaiming_folded", "--freeze_mixer"],
     "lora_matched": ["--mixer_init", "identity", "--freeze_mixer"],  # at the parameter-matched rank
+    # The sweep's settings (--sweep): each is compared with plain LoRA at the same rank.
+    "lora_plus": ["--mixer_init", "identity", "--freeze_mixer", "--loraplus_lr_ratio", "16"],
+    "moslora_identity": ["--mixer_init", "identity"],  # M = I at step 0, trained
+    "moslora_mixer_lr_0.1": ["--mixer_init", "kaiming", "--mixer_lr", "{mixer_lr_0.1}"],
+    "moslora_plus": ["--mixer_init", "kaiming", "--loraplus_lr_ratio", "16"],
 }
+SINGLE_RANK_METHODS = ("lora", "moslora", "moslora_orth", "init_only", "lora_matched")
+SWEEP_METHODS = (
+    "lora", "lora_plus", "moslora", "moslora_orth", "moslora_identity", "moslora_mixer_lr_0.1", "moslora_plus",
+)  # fmt: skip
+SWEEP_CONTROLS = ("init_only", "lora_matched")  # run at a rank where a MoSLoRA setting beats plain LoRA
 REFERENCE = "moslora"
 METRICS = ("fidelity", "recolour", "background", "prior", "final_loss")
 RECOLOURS = ("green", "blue", "yellow")
@@ -72,7 +82,31 @@ def parse_args(argv=None):
     p.add_argument("--base", default=str(REPO / "samples" / "tiny-base"), help="the bundled base (a diffusers folder)")
     p.add_argument("--subject", default=str(REPO / "samples" / "subject"))
     p.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "quality"))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument(
+        "--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS) + " (default: the five "
+        "single-rank methods, or with --sweep the seven sweep settings)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="every method at every --ranks, each against plain LoRA at the same rank (Holm-corrected p-values); "
+        "then init_only and lora_matched where a MoSLoRA setting beats LoRA. Writes sweep.{md,json,png}",
+    )
+    p.add_argument("--ranks", default="2,4,8,16,32", help="ranks of the --sweep")
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="--sweep: an explicit list of METHOD@RANK instead of every method at every rank (a fractional design; "
+        "each rank given needs lora@RANK)",
+    )
+    p.add_argument(
+        "--report_only", action="store_true", help="--sweep: tabulate the runs in sweep_runs.jsonl, train nothing"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="--sweep: keep the runs already in OUTPUT_DIR/sweep_runs.jsonl (written as each run ends) and run the rest",
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--target_modules", default="attention+ff", help="preset or module names (the trainer's flag)")
@@ -80,6 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3, help="tuned once for plain LoRA, then fixed for all")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--num_class_images", type=int, default=64)
+    p.add_argument("--no_prior_preservation", action="store_true", help="train on the subject alone (no class images)")
     p.add_argument(
         "--images", type=int, default=16, help="images per subject prompt (recolour/background: half, class: a quarter)"
     )
@@ -92,16 +127,36 @@ def parse_args(argv=None):
     p.add_argument(
         "--captions",
         action="store_true",
-        help="train on the subject's caption files (<stem>.caption); default: the one instance prompt for all",
+        help="caption every subject image 'a photo of sks shape on a white background' (the caption names what "
+        "is not the subject); default: the one instance prompt for all",
     )
     p.add_argument("--quick", action="store_true", help="one seed, 4 steps, 2 images per prompt (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.images, args.num_class_images, args.sampling_steps = 1, 4, 4, 4, 4
-    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    default = SWEEP_METHODS if args.sweep else SINGLE_RANK_METHODS
+    args.methods = args.methods.split(",") if args.methods else list(default)
+    unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    args.methods = args.methods.split(",")
+    if args.sweep and "lora" not in args.methods:
+        p.error("--sweep compares every setting with plain LoRA at the same rank: --methods must include lora")
+    try:
+        args.ranks = [int(r) for r in args.ranks.split(",")]
+        if args.cells:
+            args.cells = [(m, int(r)) for m, r in (cell.split("@") for cell in args.cells.split(","))]
+        else:
+            args.cells = [(m, r) for r in args.ranks for m in args.methods]
+    except ValueError:
+        p.error(f"--ranks takes comma-separated integers and --cells METHOD@RANK pairs, not {args.ranks!r}")
+    args.methods = list(dict.fromkeys(m for m, _ in args.cells)) if args.sweep else args.methods
+    args.ranks = sorted({r for _, r in args.cells}) if args.sweep else args.ranks
+    unknown = sorted({m for m, _ in args.cells} - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.sweep and any(("lora", r) not in args.cells for r in args.ranks):
+        p.error("--sweep compares every setting with plain LoRA at the same rank: --cells needs lora@RANK at each rank")
+    args.resume = args.resume or args.report_only
     return args
 
 
@@ -144,6 +199,17 @@ def rank_sum_test(x: list[float], y: list[float]) -> float:
     return min(1.0, 2 * min(upper, lower))
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down; each family's error rate held at the nominal level)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - k) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -180,21 +246,25 @@ def matched_rank(base: str, rank: int, target_modules: str) -> tuple[int, int, i
     return matched, moslora, matched * per_rank
 
 
+def method_flags(method: str, args) -> list[str]:
+    """The trainer flags of a method, its placeholders filled from the run's settings."""
+    values = {"{mixer_lr_0.1}": str(0.1 * args.learning_rate)}
+    return [values.get(flag, flag) for flag in METHODS[method]]
+
+
 def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir: Path) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from moslora_diffusion.training.entry import main
-
     argv = [
         "--pretrained_model_name_or_path", args.base,
-        "--instance_data_dir", args.subject,
+        "--instance_data_dir", args.train_subject,
         "--instance_prompt", world.subject_prompt(),
         # Without --captions no caption file matches: every image trains on the instance prompt.
-        "--caption_extension", ".caption" if args.captions else ".no-caption",
-        "--with_prior_preservation",
-        "--class_prompt", world.caption(None, None, None),
-        "--class_data_dir", str(class_dir),
-        "--num_class_images", str(args.num_class_images),
+        "--caption_extension", ".txt" if args.captions else ".no-caption",
+        *([] if args.no_prior_preservation else [
+            "--with_prior_preservation",
+            "--class_prompt", world.caption(None, None, None),
+            "--class_data_dir", str(class_dir),
+            "--num_class_images", str(args.num_class_images),
+        ]),
         "--output_dir", str(run_dir),
         "--overwrite_output_dir",  # a rerun of the benchmark replaces its earlier runs
         "--rank", str(rank),
@@ -210,8 +280,17 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         "--checkpointing_steps", str(args.steps + 1),
         "--num_inference_steps", str(args.sampling_steps),
         "--report_to", "tensorboard",
-        *METHODS[method],
+        *method_flags(method, args),
     ]  # fmt: skip
+    run_trainer(argv, f"training {method} (seed {seed})")
+
+
+def run_trainer(argv: list[str], what: str) -> None:
+    """The real trainer in this process (accelerate's singletons reset around it, so runs can follow each other)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moslora_diffusion.training.entry import main
+
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
@@ -220,7 +299,7 @@ def train_run(args, method: str, seed: int, rank: int, run_dir: Path, class_dir:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     if code != 0:
-        raise SystemExit(f"quality.py: training {method} (seed {seed}) failed with exit code {code}")
+        raise SystemExit(f"quality.py: {what} failed with exit code {code}")
 
 
 def read_losses(run_dir: Path) -> list[float]:
@@ -367,8 +446,8 @@ def ensure_class_images(pipe, class_dir: Path, args) -> None:
             image.save(class_dir / f"class_{args.num_class_images - missing + i:04d}.png")
 
 
-def run_task(task) -> tuple[str, int, dict, list[float], dict]:
-    """Train one (method, seed) with the real trainer, load its folded file with stock diffusers, score it."""
+def run_task(task) -> tuple[str, int, int, dict, list[float], dict]:
+    """Train one (method, rank, seed) with the real trainer, load its folded file with stock diffusers, score it."""
     args, method, seed, rank, run_dir, class_dir = task
     t0 = time.perf_counter()
     train_run(args, method, seed, rank, run_dir, class_dir)
@@ -382,7 +461,52 @@ def run_task(task) -> tuple[str, int, dict, list[float], dict]:
     figures["train_seconds"] = round(train_s, 1)
     if not args.quick:
         shutil.rmtree(run_dir / "logs", ignore_errors=True)
-    return method, seed, figures, losses, images
+    return method, rank, seed, figures, losses, images
+
+
+def run_tasks(tasks: list, args):
+    """Yield run_task's outcome for each task, --jobs processes at a time (spawned: no state shared)."""
+    if args.jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(
+            args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)
+        ) as pool:
+            yield from pool.imap(run_task, tasks)
+    else:
+        yield from map(run_task, tasks)
+
+
+def prepare_subject(args, out: Path) -> None:
+    """args.train_subject: the subject folder itself, or with --captions a copy with a caption beside each image."""
+    if not args.captions:
+        args.train_subject = args.subject
+        return
+    captioned = out / "subject_captioned"
+    shutil.rmtree(captioned, ignore_errors=True)
+    captioned.mkdir(parents=True)
+    for image in sorted(Path(args.subject).glob("*.png")):
+        shutil.copy(image, captioned / image.name)
+        # The subject's own traits (red, a cross) stay with "sks"; the caption names what may change.
+        (captioned / f"{image.stem}.txt").write_text(world.subject_prompt(background=world.SUBJECT_BACKGROUND) + "\n")
+    args.train_subject = str(captioned)
+
+
+def target_modules_arg(args):
+    return (
+        args.target_modules if args.target_modules in ("attention", "attention+ff") else args.target_modules.split(",")
+    )
+
+
+def protocol(args, minutes: float) -> str:
+    captions = "captioned subject" if args.captions else "one instance prompt"
+    batch = "subject images, no prior preservation" if args.no_prior_preservation else "subject + class images"
+    return (
+        f"DreamBooth on {Path(args.base).name}, {captions}: {args.steps} steps, batch {args.batch_size} ({batch}), "
+        f"lr {args.learning_rate}, {args.seeds} seed(s), {args.images} images per subject prompt, "
+        f"{args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; {minutes:.1f} min with {args.jobs} job(s) of "
+        f"{args.threads} thread(s)"
+    )
 
 
 def main(argv=None) -> int:
@@ -396,25 +520,26 @@ def main(argv=None) -> int:
     if runs_dir.exists():
         shutil.rmtree(runs_dir)
     runs_dir.mkdir(parents=True)
+    prepare_subject(args, out)
     class_dir = out / "class_images"
     started = time.perf_counter()
+    pipe = load_base(args.base)
+    base_figures, base_samples = score(pipe, 0, args)
+    print(f"base: {base_figures}", flush=True)
+    ensure_class_images(pipe, class_dir, args)
+    del pipe
+    if args.sweep:
+        return sweep(args, out, runs_dir, class_dir, base_figures, started)
+    return single_rank(args, out, runs_dir, class_dir, base_figures, base_samples, started)
 
-    matched, moslora_params, matched_params = matched_rank(
-        args.base,
-        args.rank,
-        args.target_modules if args.target_modules in ("attention", "attention+ff") else args.target_modules.split(","),
-    )
+
+def single_rank(args, out, runs_dir, class_dir, base_figures, base_samples, started) -> int:
+    matched, moslora_params, matched_params = matched_rank(args.base, args.rank, target_modules_arg(args))
     ranks = {m: (matched if m == "lora_matched" else args.rank) for m in args.methods}
     print(
         f"MoSLoRA r={args.rank}: {moslora_params} trainable parameters; plain LoRA r={matched}: {matched_params}",
         flush=True,
     )
-
-    pipe = load_base(args.base)
-    base_figures, base_samples = score(pipe, 0, args)
-    print(f"base: {base_figures}", flush=True)
-
-    ensure_class_images(pipe, class_dir, args)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
     samples: dict[str, dict] = {}
@@ -423,32 +548,18 @@ def main(argv=None) -> int:
         for seed in range(args.seeds)
         for method in args.methods
     ]
-    if args.jobs > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(
-            args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)
-        )
-        outcomes = pool.imap(run_task, tasks)
-    else:
-        pool, outcomes = None, map(run_task, tasks)
-    for method, seed, figures, losses, images in outcomes:
+    for method, _, seed, figures, losses, images in run_tasks(tasks, args):
         results[method].append(dict(seed=seed, **figures))
         curves[method].append(losses)
         if seed == 0:
             samples[method] = images
         print(f"{method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
-    if pool is not None:
-        pool.close()
-        pool.join()
     samples = {m: samples[m] for m in args.methods if m in samples}
 
     report = table(results, base_figures, ranks)
     header = (
-        f"DreamBooth on {Path(args.base).name}: rank {args.rank} (lora_matched {matched}: {matched_params} vs MoSLoRA's "
-        f"{moslora_params} parameters), {args.steps} steps, batch {args.batch_size} + prior, lr {args.learning_rate}, "
-        f"{args.seeds} seed(s), {args.images} images per subject prompt, {args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; "
-        f"{(time.perf_counter() - started) / 60:.1f} min\n\n"
+        f"{protocol(args, (time.perf_counter() - started) / 60)}. Rank {args.rank} (lora_matched {matched}: "
+        f"{matched_params} vs MoSLoRA's {moslora_params} parameters)\n\n"
     )
     print(header + report, flush=True)
     (out / "results.md").write_text(header + report)
@@ -468,6 +579,205 @@ def main(argv=None) -> int:
     )
     draw_report(out / "quality.png", curves, samples, base_samples)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'quality.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep: every setting at every rank against plain LoRA at the same rank
+
+SCORED = ("fidelity", "recolour", "background", "prior")  # higher is better; a "win" is on one of these
+
+
+def compare(results: dict, reference: tuple[str, int], others: list[tuple[str, int]]) -> dict:
+    """{metric: {(method, rank): (raw p, Holm p)}}: each of ``others`` against ``reference``, Holm over others."""
+    table_ = {}
+    for metric in METRICS:
+        raw = [rank_sum_test([r[metric] for r in results[o]], [r[metric] for r in results[reference]]) for o in others]
+        table_[metric] = {o: (p, q) for o, p, q in zip(others, raw, holm(raw))}
+    return table_
+
+
+def wins(results: dict, reference: tuple[str, int], comparisons: dict, alpha: float = 0.05) -> list[tuple]:
+    """(setting, metric, its mean, the reference's mean, Holm p) where a MoSLoRA setting beats the reference."""
+    found = []
+    for metric in SCORED:
+        for cell, (_, q) in comparisons[metric].items():
+            mine = mean_spread([r[metric] for r in results[cell]])[0]
+            theirs = mean_spread([r[metric] for r in results[reference]])[0]
+            if cell[0].startswith("moslora") and q < alpha and mine > theirs:
+                found.append((cell, metric, mine, theirs, q))
+    return found
+
+
+def sweep_table(results: dict, args, base_figures: dict, all_comparisons: dict) -> str:
+    lines = [
+        f"| rank | setting | fidelity | recolour | background | prior (base {base_figures['prior']:.2f}) | final loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rank in args.ranks:
+        for method in args.methods:
+            cell = (method, rank)
+            if cell not in args.cells or cell not in results:
+                continue
+            cells = []
+            for metric in METRICS:
+                m, sd = mean_spread([r[metric] for r in results[cell]])
+                text = f"{m:.3f} ± {sd:.3f}" if metric == "final_loss" else f"{m:.2f} ± {sd:.2f}"
+                p = all_comparisons.get(rank, {}).get(metric, {}).get(cell)
+                if p is not None:
+                    text += f" (p {p[0]:.3f}, Holm {p[1]:.2f})"
+                cells.append(text)
+            lines.append(f"| {rank} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_sweep(path: Path, results: dict, args) -> None:
+    """One panel per metric: its mean over seeds against rank (log scale), a line per setting."""
+    from PIL import Image, ImageDraw
+
+    palette = [(120, 120, 120), (0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189),
+               (255, 127, 14), (140, 86, 75), (227, 119, 194)]  # fmt: skip
+    W, H, pad = 300, 240, 36
+    legend_h = 16 * len(args.methods) + 10
+    canvas = Image.new("RGB", (W * len(METRICS), H + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    xs = {r: i for i, r in enumerate(sorted(args.ranks))}
+    for k, metric in enumerate(METRICS):
+        x0 = k * W
+        means = {
+            m: [(q, mean_spread([r[metric] for r in results[(m, q)]])[0]) for q in args.ranks if (m, q) in results]
+            for m in args.methods
+        }
+        values = [v for ys in means.values() for _, v in ys if not math.isnan(v)]
+        lo, hi = (0.0, 1.0) if metric != "final_loss" else (min(values, default=0), max(values, default=1))
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle((x0 + pad, 20, x0 + W - 10, H - pad), outline="black")
+        draw.text((x0 + pad, 4), metric, fill="black")
+        draw.text((x0 + 2, 20), f"{hi:.2f}", fill="black")
+        draw.text((x0 + 2, H - pad - 10), f"{lo:.2f}", fill="black")
+        for rank, i in xs.items():
+            x = x0 + pad + 8 + (W - 26 - pad) * i / max(1, len(xs) - 1)
+            draw.text((x - 4, H - pad + 4), str(rank), fill="black")
+        draw.text((x0 + W // 2 - 10, H - pad + 18), "rank", fill="black")
+        for j, (method, ys) in enumerate(means.items()):
+            colour = palette[j % len(palette)]
+            pts = [
+                (
+                    x0 + pad + 8 + (W - 26 - pad) * xs[q] / max(1, len(xs) - 1),
+                    H - pad - (H - pad - 20) * (y - lo) / (hi - lo),
+                )
+                for q, y in ys
+            ]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=3 if method == "lora" else 2)
+            for x, y in pts:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+    for j, method in enumerate(args.methods):
+        draw.text((10, H + 4 + 16 * j), f"-- {method}", fill=palette[j % len(palette)])
+    canvas.save(path)
+
+
+def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
+    results: dict[tuple[str, int], list[dict]] = {}
+    log = out / "sweep_runs.jsonl"  # one line per finished run: an interrupted sweep loses nothing (--resume)
+    done = set()
+    if args.resume and log.is_file():
+        for line in log.read_text().splitlines():
+            run_ = json.loads(line)
+            results.setdefault((run_["method"], run_["rank"]), []).append(run_["figures"])
+            done.add((run_["method"], run_["rank"], run_["figures"]["seed"]))
+        print(f"--resume: {len(done)} run(s) already in {log}", flush=True)
+    elif log.exists():
+        log.unlink()
+
+    def run(cells: list[tuple[str, int, int]]) -> None:
+        tasks = [
+            (args, m, seed, train_rank, runs_dir / f"{m}-r{rank}-seed{seed}", class_dir)
+            for seed in range(args.seeds)  # seeds outermost: a sweep cut short has every cell at about as many
+            for m, rank, train_rank in cells
+            if (m, rank, seed) not in done
+        ]
+        by_train_rank = {(m, train_rank): rank for m, rank, train_rank in cells}
+        for method, train_rank, seed, figures, _, _ in run_tasks(tasks, args):
+            rank = by_train_rank[(method, train_rank)]
+            figures = dict(seed=seed, trained_rank=train_rank, **figures)
+            results.setdefault((method, rank), []).append(figures)
+            with log.open("a") as f:
+                f.write(json.dumps(dict(method=method, rank=rank, figures=figures)) + "\n")
+            print(f"{method} r{rank} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+            shutil.rmtree(runs_dir / f"{method}-r{rank}-seed{seed}", ignore_errors=True)
+
+    if not args.report_only:
+        run([(m, r, r) for m, r in args.cells])
+    comparisons = {
+        r: compare(
+            results, ("lora", r), [(m, q) for m, q in args.cells if q == r and m != "lora" and (m, q) in results]
+        )
+        for r in args.ranks
+    }
+    found = [w for r in args.ranks for w in wins(results, ("lora", r), comparisons[r])]
+    # Where a MoSLoRA setting beats LoRA: is it the mixer, its initial A, or its r^2 extra parameters?
+    control_ranks = sorted({cell[1] for cell, *_ in found})
+    matched = {r: matched_rank(args.base, r, target_modules_arg(args))[0] for r in control_ranks}
+    if not args.report_only:
+        run([(m, r, matched[r] if m == "lora_matched" else r) for r in control_ranks for m in SWEEP_CONTROLS])
+    control_comparisons = {
+        (cell, control): compare(results, (control, cell[1]), [cell])
+        for cell in sorted({cell for cell, *_ in found})
+        for control in SWEEP_CONTROLS
+        if (control, cell[1]) in results  # --report_only: controls not run yet
+    }
+    minutes = (time.perf_counter() - started) / 60
+
+    lines = [protocol(args, minutes), ""]
+    lines.append(
+        "Each setting against plain LoRA (`lora`) at the same rank: exact two-sided rank-sum p-value, and Holm's "
+        "correction over the settings compared at that rank (one family per rank and metric)."
+    )
+    lines += ["", sweep_table(results, args, base_figures, comparisons)]
+    if found:
+        lines += ["Where a MoSLoRA setting beats plain LoRA (Holm p < 0.05), against the controls at that rank:", ""]
+        lines += ["| setting (rank) | metric | its mean | lora's | Holm p | vs init_only p | vs lora_matched p |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for cell, metric, mine, theirs, q in found:
+            ps = [control_comparisons.get((cell, c), {}).get(metric, {}).get(cell) for c in SWEEP_CONTROLS]
+            lines.append(
+                f"| {cell[0]} ({cell[1]}) | {metric} | {mine:.2f} | {theirs:.2f} | {q:.3f} | "
+                + " | ".join("not run" if p is None else f"{p[0]:.3f}" for p in ps)
+                + " |"
+            )
+        lines.append("")
+        for r in control_ranks:
+            for c in (c for c in SWEEP_CONTROLS if (c, r) in results):
+                m = {k: mean_spread([x[k] for x in results[(c, r)]])[0] for k in METRICS}
+                lines.append(f"- {c} at rank {r} (trained rank {results[(c, r)][0]['trained_rank']}): " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in m.items()))  # fmt: skip
+    else:
+        lines += ["No MoSLoRA setting beats plain LoRA at any rank on any metric (Holm p < 0.05): no controls run.", ""]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    (out / "sweep.md").write_text(text)
+    (out / "sweep.json").write_text(
+        json.dumps(
+            dict(
+                args={k: repo_relative(v) for k, v in vars(args).items()},
+                base=base_figures,
+                minutes=round(minutes, 1),
+                runs=[dict(method=m, rank=r, **x) for (m, r), runs in results.items() for x in runs],
+                comparisons=[
+                    dict(rank=r, metric=metric, setting=cell[0], p=p, holm=q)
+                    for r, by_metric in comparisons.items()
+                    for metric, cells in by_metric.items()
+                    for cell, (p, q) in cells.items()
+                ],
+                wins=[dict(setting=c[0], rank=c[1], metric=m, mean=a, lora=b, holm=q) for c, m, a, b, q in found],
+            ),
+            indent=1,
+        )
+        + "\n"  # fmt: skip
+    )
+    draw_sweep(out / "sweep.png", results, args)
+    print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
     return 0
 
 

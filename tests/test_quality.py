@@ -72,3 +72,50 @@ def test_results_record_repository_paths_relative_to_it():
 def test_bad_base_is_one_line_error(tmp_path, capsys):
     assert quality.main(["--quick", "--base", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]) == 2
     assert "is not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06 for the last
+    assert quality.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert quality.holm([0.5, 0.9]) == [1.0, 0.9]  # capped at 1
+    assert quality.holm([0.2]) == [0.2]
+
+
+def _runs(values, metric="fidelity"):
+    return [{m: (v if m == metric else 0.5) for m in quality.METRICS} for v in values]
+
+
+def test_a_win_needs_a_corrected_p_below_005_in_moslora_s_favour():
+    results = {
+        ("lora", 8): _runs([0.1, 0.2, 0.15, 0.12, 0.18]),
+        ("moslora_orth", 8): _runs([0.8, 0.9, 0.85, 0.95, 0.88]),  # every seed above every LoRA seed
+        ("lora_plus", 8): _runs([0.8, 0.9, 0.85, 0.95, 0.88]),  # as good, but not a MoSLoRA setting
+        ("moslora", 8): _runs([0.0, 0.05, 0.02, 0.01, 0.03]),  # separated, but worse than LoRA
+    }
+    cells = [("moslora_orth", 8), ("lora_plus", 8), ("moslora", 8)]
+    comparisons = quality.compare(results, ("lora", 8), cells)
+    p, q = comparisons["fidelity"][("moslora_orth", 8)]
+    assert p == pytest.approx(2 / 252) and q == pytest.approx(3 * 2 / 252)  # Holm over the three settings
+    found = quality.wins(results, ("lora", 8), comparisons)
+    assert [(cell, metric) for cell, metric, *_ in found] == [(("moslora_orth", 8), "fidelity")]
+
+
+def test_quick_sweep_writes_its_table_log_and_figure(tmp_path):
+    """Two ranks of LoRA and MoSLoRA, a few steps each: the table, the per-run log --resume reads, the figure."""
+    argv = ["--sweep", "--quick", "--ranks", "2,4", "--methods", "lora,moslora", "--captions",
+            "--no_prior_preservation", "--output_dir", str(tmp_path), "--threads", "2"]  # fmt: skip
+    assert quality.main(argv) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted((r["method"], r["rank"]) for r in report["runs"]) == [
+        ("lora", 2), ("lora", 4), ("moslora", 2), ("moslora", 4)
+    ]  # fmt: skip
+    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "subject_captioned" / "cross_0.txt").read_text().strip() == (
+        "a photo of sks shape on a white background"
+    )
+    text = (tmp_path / "sweep.md").read_text()
+    assert "| 2 | moslora |" in text and "| 4 | lora |" in text and "Holm" in text
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    # --resume: every run is already in the log, so nothing trains and the same table is written again.
+    assert quality.main([*argv, "--resume"]) == 0
+    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 4

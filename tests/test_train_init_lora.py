@@ -182,3 +182,31 @@ def test_agreeing_rank_and_target_modules_are_accepted(tmp_path):
     out = tmp_path / "out"
     assert run_main(tiny_run_argv("sd15", out, "--init_lora", str(lora), "--rank", "4", "--target_modules",
                                   ",".join(UNET_TARGETS), "--max_train_steps", "1")) == 0  # fmt: skip
+
+
+def test_train_mixer_only_moves_only_the_mixers_and_the_file_folds_them(tmp_path):
+    """--train_mixer_only: A and B stay bit for bit as in the file; only M trains (r^2 per layer), and the
+    folded diffusers file carries B·M, so stock diffusers draws the re-targeted adapter."""
+    make_lora("sd15", tmp_path / "lora", text_encoder=False, patterns=False)  # one rank: no padding to compare
+    native = tmp_path / "lora" / WEIGHT_NAMES["native"]
+    out = train("sd15", tmp_path / "out", "--init_lora", str(native), "--train_mixer_only")
+    start, _ = load_safetensors(native)
+    end = native_adapter(out)
+    for key in start:  # A and B: unchanged, exactly
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=0)
+    mixers = {k: v for k, v in end.items() if "lora_mixer" in k}
+    assert mixers and any(not torch.equal(m, torch.eye(m.shape[0])) for m in mixers.values()), "no mixer trained"
+    folded, _ = load_safetensors(out / WEIGHT_NAMES["diffusers"])
+    assert folded, "the run wrote no folded file"
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], "--train_mixer_only trains M between a fixed A and B, which must come from a LoRA: add --init_lora"),
+        (["--init_lora", "x.safetensors", "--freeze_mixer"], "--train_mixer_only trains only the mixer"),
+    ],
+)
+def test_train_mixer_only_without_a_lora_or_with_a_frozen_mixer_is_one_line(extra, expected, tmp_path, capsys):
+    out = tmp_path / "out"
+    _bad_input(capsys, tiny_run_argv("sd15", out, "--train_mixer_only", *extra), expected, out)

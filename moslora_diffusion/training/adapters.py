@@ -91,6 +91,18 @@ def adapter_parameters_by_role(model: nn.Module) -> dict[str, list[nn.Parameter]
     return roles
 
 
+def freeze_all_but_mixers(trained: dict[str, nn.Module]) -> int:
+    """Keep A and B of every trained model fixed (--train_mixer_only); returns the mixer parameters left to train."""
+    count = 0
+    for model in trained.values():
+        for name, param in model.named_parameters():
+            if ".lora_A." in f".{name}." or ".lora_B." in f".{name}.":
+                param.requires_grad_(False)
+            elif param.requires_grad:
+                count += param.numel()
+    return count
+
+
 def adapter_param_groups(
     trained: dict[str, nn.Module],
     family,

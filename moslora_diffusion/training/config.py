@@ -256,6 +256,12 @@ class RunConfig:
         group=_ADAPTER,
         type=str,
     )
+    train_mixer_only: bool = flag(
+        False,
+        "Train only the mixers M (r x r per layer); A and B stay as --init_lora's file has them. Re-targets an "
+        "existing LoRA to a new subject with r^2 parameters per layer (needs --init_lora and a trainable mixer).",
+        group=_ADAPTER,
+    )
     init_lora: str | None = flag(
         None,
         "Start from an existing LoRA file or folder (diffusers, kohya, native MoSLoRA, ...): its ranks, alphas "
@@ -715,6 +721,14 @@ def _checked(config: RunConfig) -> RunConfig:
             "prior preservation generates and trains on images of the class, e.g. 'a photo of a dog'",
         )
         _require(config, "class_data_dir", "prior preservation keeps its class images there")
+    if config.train_mixer_only:
+        if config.init_lora is None:
+            raise UsageError(
+                "--train_mixer_only trains M between a fixed A and B, which must come from a LoRA: add --init_lora "
+                "FILE_OR_DIR (a fresh B is zero, so M alone could never move the model)"
+            )
+        if config.freeze_mixer or config.mixer_lr == 0:
+            raise UsageError("--train_mixer_only trains only the mixer: drop --freeze_mixer / --mixer_lr 0")
     # With --init_lora, rank, alpha and modules not given stay None: the file's, read by resolve_run_inputs.
     from_file = config.init_lora is not None
     target_modules = config.target_modules

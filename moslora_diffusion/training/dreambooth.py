@@ -38,6 +38,7 @@ from .adapters import (
     adapter_param_groups,
     add_adapters,
     enable_gradient_checkpointing,
+    freeze_all_but_mixers,
     place_frozen_components,
     weight_dtype_for,
 )
@@ -219,6 +220,10 @@ def _train(
             )
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if config.train_mixer_only:
+        logger.info(
+            "--train_mixer_only: %d mixer parameters train; A and B stay as in the file", freeze_all_but_mixers(trained)
+        )
     if weight_dtype != torch.float32:
         cast_training_params(list(trained.values()), dtype=torch.float32)  # adapters train in fp32
     if config.gradient_checkpointing:
