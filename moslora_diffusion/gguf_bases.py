@@ -44,6 +44,8 @@ def read_gguf_tensor_names(path: str | os.PathLike) -> set[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    if path.suffix != GGUF_SUFFIX:  # diffusers picks its GGUF reader by the exact suffix, else it unpickles
+        raise ValueError(f"{path}: rename it to end in {GGUF_SUFFIX} (lower case), the suffix diffusers reads GGUF by")
     check_gguf_installed()
     from gguf import GGUFReader
 

@@ -194,6 +194,11 @@ def _quantized_twice(tmp_path):
     return _gguf(tmp_path), ["--quantize_base", "int8"]
 
 
+def _upper_case_suffix(tmp_path):
+    path = _gguf(tmp_path)
+    return path.rename(path.with_suffix(".GGUF")), []
+
+
 def _gguf(tmp_path):
     path, _, _ = write_gguf_base("flux", tmp_path)
     return path
@@ -205,6 +210,7 @@ BAD_GGUF = {
     "unknown family": (lambda t: (_language_model(t), []), "match no known family"),
     "a UNet family": (lambda t: (_unet(t), []), "a GGUF sdxl model; GGUF bases are read for transformers only"),
     "--quantize_base": (_quantized_twice, "is a GGUF file, quantized already; leave --quantize_base"),
+    ".GGUF": (_upper_case_suffix, "rename it to end in .gguf (lower case)"),
 }
 
 
