@@ -269,7 +269,8 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
 
     class DreamBoothDataset(Dataset):
         def __init__(self):
-            self.instance = sorted(SUBJECT.iterdir())
+            # The script lists every file of the folder: the .caption files beside the sample images would crash it.
+            self.instance = sorted(p for p in SUBJECT.iterdir() if p.suffix == ".png")
             self.klass = sorted(Path(class_dir).iterdir()) if with_prior else []
 
         def __len__(self):

@@ -61,7 +61,7 @@ def write_gguf_base(family: str, folder, quant_type: str = "Q8_0"):
     components = single_file_components(family)
     configs = {c: dict(getattr(source, c).config) for c in components}
     state = to_original_state_dict(family, {c: getattr(source, c).state_dict() for c in components}, configs)
-    prefix = dict((c, p) for c, _, p in get_family(family).single_file_layout)[get_family(family).denoiser]
+    prefix = {c: p for c, _, p in get_family(family).single_file_layout}[get_family(family).denoiser]
     denoiser = {name: tensor for name, tensor in state.items() if name.startswith(prefix)}
     path = folder / f"{family}-{quant_type}.gguf"
     write_gguf(path, denoiser, quant_type)
