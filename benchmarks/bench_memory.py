@@ -1,6 +1,7 @@
 """Peak memory and step time of a MoSLoRA training step with the frozen base in fp32 / bf16 and quantized
-(torchao int8, optimum-quanto fp8, and on CUDA bitsandbytes int8 / nf4), on SDXL- and Flux-shaped models at
-full width and reduced depth, projected to full depth and 1024 px: what fits in 12, 16 and 24 GB.
+(torchao int8, optimum-quanto fp8, GGUF Q4_0 / Q8_0 blocks as a .gguf base loads, and on CUDA bitsandbytes
+int8 / nf4), on SDXL- and Flux-shaped models at full width and reduced depth, projected to full depth and
+1024 px: what fits in 12, 16 and 24 GB. Each run also records its losses and whether the adapter stayed finite.
 
 Each (model, base, depth) runs in a fresh subprocess (``--worker``):
 
@@ -23,6 +24,7 @@ Linear in tokens holds on CUDA (memory-efficient attention keeps no tokens^2 mat
 
     python benchmarks/bench_memory.py --resolution 64 --steps 1   # what results/memory_cpu.md ran (~15 min, 2 busy cores)
     python benchmarks/bench_memory.py --device cuda --resolution 1024 --bases bf16 int8-bnb nf4-bnb
+    python benchmarks/bench_memory.py --device cuda --models flux --resolution 512 --bases bf16 nf4-bnb q4_0-gguf
 
 Writes benchmarks/results/memory_<device>.md and .json.
 
@@ -58,7 +60,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 16
 GB = 1024**3
-BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto", "int8-quanto", "int8-bnb", "nf4-bnb")
+BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto", "int8-quanto", "int8-bnb", "nf4-bnb", "q4_0-gguf", "q8_0-gguf")
 CPU_BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto")
 
 
@@ -139,6 +141,8 @@ def quantize(model: torch.nn.Module, base: str) -> None:
         quanto.freeze(model)
     elif backend == "bnb":
         _replace_with_bnb(model, kind)
+    elif backend == "gguf":
+        _replace_with_gguf(model, kind)
 
 
 def _replace_with_bnb(model: torch.nn.Module, kind: str) -> None:
@@ -157,6 +161,27 @@ def _replace_with_bnb(model: torch.nn.Module, kind: str) -> None:
                                           compute_dtype=torch.bfloat16, quant_type="nf4")  # fmt: skip
             layer.load_state_dict(child.state_dict())
             setattr(module, child_name, layer.to("cuda"))
+
+
+def _replace_with_gguf(model: torch.nn.Module, kind: str) -> None:
+    """Every nn.Linear as diffusers' GGUFLinear over llama.cpp blocks (gguf's own quantizer, on the CPU), as
+    ``from_single_file(FILE.gguf, quantization_config=GGUFQuantizationConfig(compute_dtype=bf16))`` builds it."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or child.in_features % block:
+                continue
+            layer = GGUFLinear(child.in_features, child.out_features, child.bias is not None,
+                               compute_dtype=torch.bfloat16, device="meta")  # fmt: skip
+            blocks = gguf.quants.quantize(child.weight.detach().float().numpy(), qtype)
+            layer.weight = GGUFParameter(torch.from_numpy(blocks), quant_type=qtype)
+            layer.bias = child.bias
+            layer.requires_grad_(False)
+            setattr(module, child_name, layer)
 
 
 class Memory:
@@ -204,7 +229,8 @@ def worker(model_name: str, base: str, units: int, resolution: int, text_tokens:
     before = memory.now()
     dtype = torch.float32 if base == "fp32" else torch.bfloat16
     torch.set_default_dtype(dtype)
-    with torch.device("cpu" if base.endswith("-bnb") else device):  # bitsandbytes quantizes on the move
+    # bitsandbytes quantizes on the move to the GPU; gguf's quantizer is numpy
+    with torch.device("cpu" if base.endswith(("-bnb", "-gguf")) else device):
         model = build(model_name, units)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
@@ -224,12 +250,13 @@ def worker(model_name: str, base: str, units: int, resolution: int, text_tokens:
     memory.trim()
     after_setup = memory.now()
     memory.reset_peak()
-    times = []
+    times, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
         out = model(**kwargs, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out.float(), target.float())
         loss.backward()
+        losses.append(loss.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -241,6 +268,7 @@ def worker(model_name: str, base: str, units: int, resolution: int, text_tokens:
         "device": device, "parameters": parameters, "adapter_parameters": adapter_parameters,
         "weights_bytes": weights, "setup_bytes": after_setup - before, "peak_bytes": memory.peak() - before,
         "step_seconds": times[-1], "steps": steps,
+        "losses": losses, "adapter_finite": all(bool(torch.isfinite(p).all()) for p in adapter),
     }  # fmt: skip
 
 
@@ -426,7 +454,8 @@ def measure(model: str, base: str, units: int, resolution: int, text_tokens: int
     m = cache[key]
     step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
     print(f"{key}: weights {m['weights_bytes'] / GB:.2f} GB, step peak {step_peak:.2f} GB, "
-          f"step {m['step_seconds']:.1f} s", flush=True)  # fmt: skip
+          f"step {m['step_seconds']:.1f} s, losses {m.get('losses')}, adapter finite {m.get('adapter_finite')}",
+          flush=True)  # fmt: skip
     return m
 
 
@@ -450,6 +479,14 @@ def run_all(args) -> list[dict]:
     return rows
 
 
+def _last_loss(m: dict) -> str:
+    return f"{m['losses'][-1]:.4g}" if m.get("losses") else "-"  # runs cached before losses were recorded: -
+
+
+def _finite(m: dict) -> str:
+    return {True: "yes", False: "NO"}.get(m.get("adapter_finite"), "-")
+
+
 def markdown(rows: list[dict], device: str) -> str:
     out = [f"# MoSLoRA training-step memory ({device})", "",
            f"r = {RANK} on the attention projections, gradient checkpointing, batch 1, AdamW, cached embeddings "
@@ -457,14 +494,15 @@ def markdown(rows: list[dict], device: str) -> str:
            "## Measured (full width, reduced depth)", "",
            f"Step time: the last of {rows[0]['measured'][0]['steps'] if rows else '?'} step(s) per run "
            "(with 1, it includes AdamW's set-up); on a shared CPU, for comparison within this table only.", "",
-           "| model | base | units | px | parameters | weights GB | step peak over weights GB | step s |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| model | base | units | px | parameters | weights GB | step peak over weights GB | step s | last loss | adapter finite |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         for m in row["measured"]:
             step_peak = (m["peak_bytes"] - m["weights_bytes"]) / GB
             out.append(
                 f"| {m['model']} | {m['base']} | {m['units']} | {m['resolution']} | {m['parameters'] / 1e9:.2f} B | "
-                f"{m['weights_bytes'] / GB:.2f} | {step_peak:.2f} | {m['step_seconds']:.1f} |"
+                f"{m['weights_bytes'] / GB:.2f} | {step_peak:.2f} | {m['step_seconds']:.1f} | {_last_loss(m)} | "
+                f"{_finite(m)} |"
             )
     out += ["", "## Projected to full depth at 1024 px (what fits)", "",
             "Projected, not measured: weights and the step's fixed part extrapolated linearly in blocks from the "

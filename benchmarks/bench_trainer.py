@@ -17,7 +17,9 @@ peer resizes them). It measures:
 Two trainers run, interleaved round by round:
 
 - ``ours``: ``moslora train`` (the ``moslora`` command's main, in a child that records timestamps);
-  configurations ``uncached``, ``cached`` (--cache_latents) and ``class_images`` (--with_prior_preservation).
+  configurations ``uncached``, ``cached`` (--cache_latents), ``cached_text`` (--cache_latents and
+  --cache_text_encoder_outputs: neither VAE nor text encoder runs in a step) and ``class_images``
+  (--with_prior_preservation).
 - ``peer``: the code path of diffusers' examples/dreambooth/train_dreambooth_lora.py, re-enacted in
   :func:`peer_child`: its import block (less torchvision, which fails beside the CPU torch wheel, so the
   script itself cannot run here), its loading, PEFT LoRA injection, per-step text encoding, training loop
@@ -58,12 +60,14 @@ RUNS = [
     ("ours", "uncached"),
     ("peer", "uncached"),
     ("ours", "cached"),
+    ("ours", "cached_text"),
     ("ours", "class_images"),
     ("peer", "class_images"),
 ]
 OURS_FLAGS = {
     "uncached": [],
     "cached": ["--cache_latents"],
+    "cached_text": ["--cache_latents", "--cache_text_encoder_outputs"],
     "class_images": ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--num_class_images", str(NUM_CLASS_IMAGES),
                      "--num_inference_steps", str(CLASS_SAMPLING_STEPS), "--sample_batch_size", str(SAMPLE_BATCH_SIZE)],
 }  # fmt: skip
@@ -265,7 +269,8 @@ def peer_child(record_path: str, base: str, output_dir: str, steps: int, class_d
 
     class DreamBoothDataset(Dataset):
         def __init__(self):
-            self.instance = sorted(SUBJECT.iterdir())
+            # The script lists every file of the folder: the .caption files beside the sample images would crash it.
+            self.instance = sorted(p for p in SUBJECT.iterdir() if p.suffix == ".png")
             self.klass = sorted(Path(class_dir).iterdir()) if with_prior else []
 
         def __len__(self):
@@ -498,16 +503,19 @@ def markdown(report: dict) -> str:
         f"| steps/s, --cache_latents | {cell('ours:cached', 'steps_per_s')} | (no such option) | |",
         f"| CPU ms per step, --cache_latents | {cell('ours:cached', 'cpu_ms_per_step', '.0f')} | | |",
         f"| cached / uncached steps/s (medians) | {med('ours:cached', 'steps_per_s') / med('ours:uncached', 'steps_per_s'):.2f} | | |",
-        f"| steps/s x peer's path: uncached / --cache_latents (target >= 1 / >= 1.3) | "
+        f"| steps/s, --cache_latents --cache_text_encoder_outputs | {cell('ours:cached_text', 'steps_per_s')} | (no such option) | |",
+        f"| CPU ms per step, both caches | {cell('ours:cached_text', 'cpu_ms_per_step', '.0f')} | | |",
+        f"| steps/s x peer's path: uncached / --cache_latents / both caches (target >= 1 / >= 1.3 / >= 1.3) | "
         f"{ratio('ours:uncached', 'steps_per_s', 'peer:uncached'):.2f} / "
-        f"{ratio('ours:cached', 'steps_per_s', 'peer:uncached'):.2f} | 1 | |",
+        f"{ratio('ours:cached', 'steps_per_s', 'peer:uncached'):.2f} / "
+        f"{ratio('ours:cached_text', 'steps_per_s', 'peer:uncached'):.2f} | 1 | |",
         f"| start-up x peer's path (target <= 1) | {ratio('ours:uncached', 'startup_s', 'peer:uncached'):.2f} | 1 | |",
         f"| {NUM_CLASS_IMAGES} class images, {CLASS_SAMPLING_STEPS} steps, batch {SAMPLE_BATCH_SIZE} (s) | {cell('ours:class_images', 'class_images_s')} "
         f"| {cell('peer:class_images', 'class_images_s')} | {PEER_FIGURES['class_images_s']} |",
         f"| CPU s for the class images | {cell('ours:class_images', 'class_images_cpu_s')} | {cell('peer:class_images', 'class_images_cpu_s')} | |",
         f"| class images x peer's path (target <= 1) | {ratio('ours:class_images', 'class_images_s', 'peer:class_images'):.2f} | 1 | |",
     ]
-    for config in ("uncached", "cached", "class_images"):
+    for config in ("uncached", "cached", "cached_text", "class_images"):
         ours, peer = cell(f"ours:{config}", "peak_rss_mib", ".0f"), cell(f"peer:{config}", "peak_rss_mib", ".0f")
         if ours or peer:
             lines.append(f"| peak RSS, {config} run (MiB) | {ours} | {peer} | |")

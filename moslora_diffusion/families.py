@@ -103,6 +103,8 @@ class Family:
     single_file_layout: ClassVar[tuple[tuple[str, str, str], ...]]
     # The Hub pipeline whose configs and tokenizers complete a single-file checkpoint (--base_config default).
     reference_repository: ClassVar[str]
+    # The denoiser can be a .gguf file (diffusers' GGUF loader: linear layers only, so transformers, not UNets).
+    gguf_denoiser: ClassVar[bool] = False
 
     # --- files for each client (docs/adapter-files.md) ------------------------------------------
     # pytorch_lora_weights.safetensors: "kohya" (lora_unet_/lora_te keys, one alpha per component: stock
@@ -399,6 +401,7 @@ class SD3(Family):
     # As sd3_medium.safetensors: the text encoders (CLIP-L/G, T5) are loaded separately.
     single_file_layout = (("transformer", "sd3", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))
     reference_repository = "stabilityai/stable-diffusion-3-medium-diffusers"
+    gguf_denoiser = True  # city96's SD3.5 GGUF conversions
     modelspec_architecture = "stable-diffusion-3-medium/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -465,6 +468,7 @@ class Flux(Family):
     # As flux1-dev.safetensors: the transformer alone, with bare names.
     single_file_layout = (("transformer", "flux", ""),)
     reference_repository = "black-forest-labs/FLUX.1-dev"
+    gguf_denoiser = True  # city96's FLUX.1 GGUF conversions
     modelspec_architecture = "flux-1-dev/lora"
     objective = "flow_matching"
     default_resolution = 1024

@@ -15,7 +15,8 @@ The family is read from key names, never from sizes, so tiny test models are rec
     sd15   cond_stage_model.transformer.* (CLIP), or a UNet with conv proj_in
 
 A "v_pred" key (what ComfyUI and our merge write) marks a v-prediction SD2 model. Pickled checkpoints
-(.ckpt, .pt, .bin) are refused: loading one can run any code.
+(.ckpt, .pt, .bin) are refused: loading one can run any code. A ``.gguf`` file holds a block-quantized
+transformer (Flux, SD3) under the same names: it supplies the denoiser only (:mod:`moslora_diffusion.gguf_bases`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .families import UNUSED_COMPONENTS, family_of_model_dir, model_index_classes
+from .families import FAMILIES, UNUSED_COMPONENTS, family_of_model_dir, model_index_classes
+from .gguf_bases import gguf_quantization_config, is_gguf_file, read_gguf_tensor_names
 from .single_file import SINGLE_FILE_LAYOUTS
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -67,16 +69,19 @@ def _check_safetensors(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: pickled checkpoints can run code when loaded; convert it to .safetensors first")
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint")
+        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint (or a .gguf Flux or SD3 transformer)")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
 
 
 def read_single_file_family(path: str | os.PathLike) -> tuple[str, bool]:
-    """(family, v_prediction marker present) of a ``.safetensors`` single file, reading its header only."""
+    """(family, v_prediction marker present) of a ``.safetensors`` single file or a ``.gguf`` transformer,
+    reading its header only."""
     from safetensors import safe_open
 
     path = Path(path)
+    if is_gguf_file(path):
+        return _gguf_family(path), False
     _check_safetensors(path)
     try:
         with safe_open(str(path), "pt") as f:
@@ -92,11 +97,26 @@ def read_single_file_family(path: str | os.PathLike) -> tuple[str, bool]:
         raise ValueError(f"{path}: {err}") from None
 
 
+def _gguf_family(path: Path) -> str:
+    """The family of a GGUF transformer; ValueError in one line for a family diffusers reads no GGUF of."""
+    keys = read_gguf_tensor_names(path)
+    try:
+        family = detect_single_file_family(keys)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not FAMILIES[family].gguf_denoiser:
+        readable = ", ".join(name for name, f in FAMILIES.items() if f.gguf_denoiser)
+        raise ValueError(f"{path}: a GGUF {family} model; GGUF bases are read for transformers only ({readable})")
+    return family
+
+
 def single_file_components_held(path: str | os.PathLike) -> tuple[str, ...]:
-    """The pipeline components whose weights a ``.safetensors`` single file holds (header only)."""
+    """The pipeline components whose weights a ``.safetensors`` single file (or a ``.gguf``) holds (header only)."""
     from safetensors import safe_open
 
     family, _ = read_single_file_family(path)
+    if is_gguf_file(path):
+        return (FAMILIES[family].denoiser,)
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
     return tuple(c for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if _holds(keys, kind, prefix))
@@ -181,14 +201,15 @@ def _load_clip(component_cls, config_dir: Path, component: str, kind: str, prefi
 
 
 def load_single_file_components(
-    path: str | os.PathLike, base_config: str | os.PathLike
+    path: str | os.PathLike, base_config: str | os.PathLike, compute_dtype: torch.dtype | None = None
 ) -> tuple[str, dict[str, Any], dict]:
     """(family, components, model_index) of a single-file base, fully offline.
 
     Components the file holds get their weights from it (denoiser and VAE through diffusers'
     ``from_single_file`` with ``config=`` the folder; CLIPs through diffusers' converters); all others
     come from ``base_config`` (a local diffusers folder of the same family). The scheduler of a file with
-    a "v_pred" marker predicts v.
+    a "v_pred" marker predicts v. A ``.gguf`` file gives the denoiser only, its linear layers left
+    block-quantized and computing in ``compute_dtype`` (fp32 when None).
     """
 
     from safetensors.torch import load_file
@@ -204,9 +225,11 @@ def load_single_file_components(
             f"{path} is a {family} checkpoint but --base_config {config_dir} is a {config_family} model; "
             f"give a {family} folder"
         )
-    checkpoint = load_file(str(path))
-    keys = set(checkpoint)
-    in_file = {c: (kind, prefix) for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if _holds(keys, kind, prefix)}
+    gguf = is_gguf_file(path)
+    checkpoint = {} if gguf else load_file(str(path))  # the CLIPs' converters take the whole file
+    held = single_file_components_held(path)
+    in_file = {c: (kind, prefix) for c, kind, prefix in SINGLE_FILE_LAYOUTS[family] if c in held}
+    denoiser_kwargs = {"quantization_config": gguf_quantization_config(compute_dtype)} if gguf else {}
     components: dict[str, Any] = {}
     for name, component_cls in model_index_classes(model_index).items():
         if component_cls is None:
@@ -218,7 +241,10 @@ def load_single_file_components(
         elif in_file[name][0] in ("clip", "open_clip"):
             components[name] = _load_clip(component_cls, config_dir, name, *in_file[name], checkpoint)
         else:
-            components[name] = component_cls.from_single_file(str(path), config=str(config_dir), subfolder=name)
+            kwargs = denoiser_kwargs if name == FAMILIES[family].denoiser else {}
+            components[name] = component_cls.from_single_file(
+                str(path), config=str(config_dir), subfolder=name, **kwargs
+            )
     if v_prediction and components.get("scheduler") is not None:
         components["scheduler"] = type(components["scheduler"]).from_config(
             components["scheduler"].config, prediction_type="v_prediction"

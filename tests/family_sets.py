@@ -20,3 +20,5 @@ DIFFUSERS_KOHYA_FAMILIES = UNET_FAMILIES
 SD_SCRIPTS_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.kohya_file_layout == "sd_scripts")
 # Families with a single-file layout (the newer ones merge to diffusers folders only, so far).
 SINGLE_FILE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.single_file_layout)
+# Families whose denoiser diffusers reads from a .gguf file (transformers: its GGUF layers are linear only).
+GGUF_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.gguf_denoiser)

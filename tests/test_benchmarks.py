@@ -107,3 +107,22 @@ def test_offloaded_encoders_have_the_released_models_parameter_counts():
     assert counts[("sdxl", "text_encoder_2 (CLIP-bigG)")] == 694_659_840  # SDXL's text_encoder_2
     assert counts[("flux", "text_encoder_2 (T5-XXL)")] == 4_762_310_656  # google/t5-v1_1-xxl's encoder
     assert 83e6 < counts[("sdxl", "vae")] < counts[("flux", "vae")] < 84e6
+
+
+def test_the_memory_benchmarks_gguf_base_is_diffusers_gguf_layer_over_q4_0_blocks():
+    """bench_memory's q4_0-gguf base: diffusers' GGUFLinear, as a .gguf loads, computing the block-quantized weight."""
+    pytest.importorskip("gguf")
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from benchmarks import bench_memory
+
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(64, 32), torch.nn.Linear(32, 8), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(*layers).to(torch.bfloat16)  # the benchmark's base dtype, GGUF's compute dtype
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = model(x).float()
+    bench_memory.quantize(model, "q4_0-gguf")
+    assert [type(m) for m in model] == [GGUFLinear, GGUFLinear, torch.nn.Linear]  # 8 is narrower than a block
+    assert model[0].weight.numel() == 32 * 64 // 32 * 18  # Q4_0: 18 bytes per 32 weights
+    got = model(x).float()
+    assert (got - expected).abs().max() <= 0.2 * expected.abs().max()  # within 4-bit blocks' error

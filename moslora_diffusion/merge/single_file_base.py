@@ -25,6 +25,7 @@ import torch
 
 from ..families import Family, family_of_model_dir, get_family
 from ..fileio import SafetensorsReader, TensorInfo, atomic_path, write_safetensors_streaming
+from ..gguf_bases import refuse_merge_into_gguf
 from ..single_file import OriginalTensor, original_layout
 from ..single_file_bases import (
     DENOISER_PREFIX,
@@ -40,7 +41,8 @@ from .specs import as_specs
 
 def single_file_family_and_config(base: Path, base_config: str | None, *, weights: bool) -> tuple[type[Family], Path]:
     """The family of a single-file ``--base`` and the local diffusers folder of its configs (``--base_config``,
-    default the family's reference hub repository); ValueError with one line."""
+    default the family's reference hub repository); ValueError with one line. A GGUF base refuses."""
+    refuse_merge_into_gguf(base)
     try:
         family = get_family(read_single_file_family(base)[0])
     except ValueError as err:

@@ -38,6 +38,13 @@ class BaseModel:
     def is_single_file(self) -> bool:
         return self.base_config is not None
 
+    @property
+    def is_gguf(self) -> bool:
+        """A ``.gguf`` denoiser: quantized in its file already (:mod:`moslora_diffusion.gguf_bases`)."""
+        from ..gguf_bases import is_gguf_file
+
+        return self.is_single_file and is_gguf_file(self.source)
+
     def default_resolution(self, components: dict[str, Any]) -> int:
         """The base's own training resolution (what --resolution defaults to)."""
         if self.is_tiny:
@@ -62,7 +69,8 @@ class BaseModel:
         encoders) quantized, their other weights in ``torch_dtype``.
 
         A single-file base's components come from the file where it holds them, the others (and every config
-        and tokenizer) from ``base_config``; ValueError with one line if they cannot be fetched or built.
+        and tokenizer) from ``base_config``; ValueError with one line if they cannot be fetched or built. A GGUF
+        denoiser keeps its quantized blocks and computes in ``torch_dtype``.
         """
         if self.is_tiny or self.is_single_file:
             if self.is_tiny:
@@ -73,7 +81,7 @@ class BaseModel:
                 from ..single_file_bases import base_config_folder, load_single_file_components
 
                 folder = base_config_folder(self.base_config, self.source, revision=revision)
-                _, components, _ = load_single_file_components(self.source, folder)
+                _, components, _ = load_single_file_components(self.source, folder, compute_dtype=torch_dtype)
             if vae_source:
                 from diffusers import AutoencoderKL
 

@@ -92,7 +92,8 @@ class RunConfig:
     pretrained_model_name_or_path: str | None = flag(
         None,
         "Diffusers pipeline folder or hub id (family read from model_index.json), a single-file .safetensors "
-        "checkpoint (family read from its tensor names; see --base_config), or "
+        "checkpoint (family read from its tensor names; see --base_config), a .gguf Flux or SD3 transformer "
+        "(kept block-quantized; the rest from --base_config), or "
         "tiny:<sd15|sd2|sdxl|sd3|flux> for a tiny random offline pipeline (smoke runs).",
         group=_BASE,
     )
