@@ -95,3 +95,20 @@ def test_memory_projection_recovers_a_linear_model():
     assert projected["weights_gb"] == pytest.approx(1 + 2 * shape.full_depth)
     assert projected["step_fixed_gb"] == pytest.approx(0.5 + 0.1 * shape.full_depth)
     assert projected["activations_gb"] * gb == pytest.approx((1000 + shape.kept_per_token) * tokens_1024)
+
+
+def test_client_loaders_refuses_a_folder_that_is_no_sd_scripts_checkout(tmp_path):
+    from benchmarks import client_loaders
+
+    with pytest.raises(SystemExit, match="no networks/lora.py there; give a kohya-ss/sd-scripts checkout"):
+        client_loaders.main(["--sd_scripts", str(tmp_path)])
+
+
+def test_client_loaders_names_each_file_key_after_its_module():
+    from benchmarks.client_loaders import _module_of
+
+    assert _module_of("lora_unet_input_blocks_4_1_proj_in.lora_down.weight") == "lora_unet_input_blocks_4_1_proj_in"
+    assert _module_of("lora_unet_input_blocks_4_1_proj_in.alpha") == "lora_unet_input_blocks_4_1_proj_in"
+    assert _module_of("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == (
+        "transformer.transformer_blocks.0.attn.to_q"
+    )
