@@ -2,9 +2,10 @@
 
     python benchmarks/client_loaders.py --sd_scripts /path/to/sd-scripts [--families sd15 sdxl flux sd3]
 
-For each family this builds the real-size denoiser twice on the meta device (no weights, no download):
-diffusers' class with the reference repository's config, and sd-scripts' own class (original_unet.py,
-sdxl_original_unet.py, flux_models.Flux "dev", sd3_models MMDiT "medium"). A random MoSLoRA adapter
+For each family this builds the denoiser twice on the meta device (no weights, no download): diffusers'
+class with the reference repository's config, and sd-scripts' own class (original_unet.py,
+sdxl_original_unet.py, flux_models.Flux "dev", sd3_models MMDiT "medium"); SD 1.x and SDXL at full size,
+Flux and SD3 with fewer blocks (FLUX_BLOCKS, SD3_DEPTH). A random MoSLoRA adapter
 (attention+ff preset, r=4, alpha=8, a mixer far from I) on the diffusers denoiser, and on tiny CLIP / T5
 text encoders of the same classes sd-scripts uses, is written by our writer (write_adapter_files). Then
 sd-scripts' ``create_network_from_weights`` (networks/lora.py, lora_flux.py, lora_sd3.py) builds its network
@@ -26,6 +27,7 @@ there, so they are given it back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -60,6 +62,10 @@ from moslora_diffusion.loaders import component_adapter_from_model  # noqa: E402
 from moslora_diffusion.testing import make_tiny_pipeline  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
+# Fewer blocks than the real models (19 + 38 in Flux, 24 in SD3 medium), the same module kinds: Flux's at its
+# real width; MMDiT ties width to depth (64 per block), so SD3's is 4 blocks of width 256. Every block is
+# alike, and merging the whole models takes tens of minutes on a shared CPU.
+FLUX_BLOCKS, SD3_DEPTH = 2, 4
 RESULTS = REPO / "benchmarks" / "results" / "client_loaders.md"
 
 # The reference repositories' denoiser configs (the parts that shape the module tree).
@@ -84,8 +90,8 @@ DIFFUSERS_DENOISERS = {
         "FluxTransformer2DModel",
         dict(
             in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
+            num_layers=FLUX_BLOCKS,
+            num_single_layers=FLUX_BLOCKS,
             attention_head_dim=128,
             num_attention_heads=24,
             joint_attention_dim=4096,
@@ -93,21 +99,21 @@ DIFFUSERS_DENOISERS = {
             guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
         ),
-    ),  # fmt: skip
+    ),
     "sd3": (
         "SD3Transformer2DModel",
         dict(
             sample_size=128,
-            num_layers=24,
+            num_layers=SD3_DEPTH,
             attention_head_dim=64,
-            num_attention_heads=24,
+            num_attention_heads=SD3_DEPTH,
             joint_attention_dim=4096,
-            caption_projection_dim=1536,
+            caption_projection_dim=64 * SD3_DEPTH,
             pooled_projection_dim=2048,
             out_channels=16,
             pos_embed_max_size=192,
         ),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -150,12 +156,22 @@ def sd_scripts_denoiser(sd, family: str) -> nn.Module:
         if family == "sdxl":
             return sd.sdxl_original_unet.SdxlUNet2DConditionModel()
         if family == "flux":
-            return sd.flux_models.Flux(sd.flux_models.configs["dev"].params)
+            params = dataclasses.replace(
+                sd.flux_models.configs["dev"].params, depth=FLUX_BLOCKS, depth_single_blocks=FLUX_BLOCKS
+            )
+            return sd.flux_models.Flux(params)
         params = sd.sd3_models.SD3Params(
-            patch_size=2, depth=24, num_patches=36864, pos_embed_max_size=192, adm_in_channels=2048, qk_norm=None,
-            x_block_self_attn_layers=[], context_embedder_in_features=4096, context_embedder_out_features=1536,
+            patch_size=2,
+            depth=SD3_DEPTH,
+            num_patches=36864,
+            pos_embed_max_size=192,
+            adm_in_channels=2048,
+            qk_norm=None,
+            x_block_self_attn_layers=[],
+            context_embedder_in_features=4096,
+            context_embedder_out_features=64 * SD3_DEPTH,
             model_type="sd3m",
-        )  # fmt: skip
+        )
         return sd.sd3_models.create_sd3_mmdit(params)
 
 
