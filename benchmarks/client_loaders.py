@@ -397,7 +397,10 @@ def run(sd_scripts: Path, families: list[str]) -> list[dict]:
                 row = {"family": family, "file": path.name, **check_file(sd, adapter, path, denoiser)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
-                print(json.dumps({k: v[:5] if isinstance(v, list) else v for k, v in row.items()}), flush=True)
+                brief = {
+                    k: v[:3] + [f"{len(v)} in all"] if isinstance(v, list) and len(v) > 3 else v for k, v in row.items()
+                }
+                print(json.dumps(brief), flush=True)
     return rows
 
 
