@@ -111,8 +111,10 @@ class Family:
     # diffusers, ComfyUI and LyCORIS read them alike) or "peft_folded" (diffusers keys with s folded into
     # lora_B, alpha = r; T5 under ComfyUI's text_encoders.t5xxl.transformer., which diffusers never loads).
     diffusers_file_layout: ClassVar[str] = "kohya"
-    # pytorch_lora_weights_kohya.safetensors: "kohya" (diffusers module names under kohya_prefixes) or
-    # "sd_scripts" (the original model's module names, q/k/v fused, as sd-scripts, Forge and ComfyUI read).
+    # pytorch_lora_weights_kohya.safetensors: "kohya" (diffusers module names under kohya_prefixes, as
+    # sd-scripts' SD1/SD2 UNet names them), "kohya_sgm" (the UNet under Stability's original block names,
+    # input_blocks_4_1_..., as sd-scripts' SDXL UNet names them) or "sd_scripts" (the original model's
+    # module names, q/k/v fused, as sd-scripts, Forge and ComfyUI read).
     kohya_file_layout: ClassVar[str] = "kohya"
     # sd-scripts' prefix of each component in that layout (networks/lora_flux.py, lora_sd3.py LORA_PREFIX_*)
     sd_scripts_prefixes: ClassVar[dict[str, str]] = {}
@@ -340,6 +342,8 @@ class SDXL(Family):
     denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    # sd-scripts' SDXL merge and resume read only these (its inference loader also converts diffusers names).
+    kohya_file_layout = "kohya_sgm"
     ss_base_model_version = "sdxl_base_v1-0"
     single_file_layout = (
         ("unet", "unet", "model.diffusion_model."),

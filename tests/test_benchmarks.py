@@ -126,3 +126,20 @@ def test_the_memory_benchmarks_gguf_base_is_diffusers_gguf_layer_over_q4_0_block
     assert model[0].weight.numel() == 32 * 64 // 32 * 18  # Q4_0: 18 bytes per 32 weights
     got = model(x).float()
     assert (got - expected).abs().max() <= 0.2 * expected.abs().max()  # within 4-bit blocks' error
+
+
+def test_client_loaders_refuses_a_folder_that_is_no_sd_scripts_checkout(tmp_path):
+    from benchmarks import client_loaders
+
+    with pytest.raises(SystemExit, match="no networks/lora.py there; give a kohya-ss/sd-scripts checkout"):
+        client_loaders.main(["--sd_scripts", str(tmp_path)])
+
+
+def test_client_loaders_names_each_file_key_after_its_module():
+    from benchmarks.client_loaders import _module_of
+
+    assert _module_of("lora_unet_input_blocks_4_1_proj_in.lora_down.weight") == "lora_unet_input_blocks_4_1_proj_in"
+    assert _module_of("lora_unet_input_blocks_4_1_proj_in.alpha") == "lora_unet_input_blocks_4_1_proj_in"
+    assert _module_of("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == (
+        "transformer.transformer_blocks.0.attn.to_q"
+    )

@@ -179,7 +179,7 @@ def layout_of_file(family: str, weight_name: str) -> str:
     return {
         NATIVE_WEIGHT_NAME: "native",
         DIFFUSERS_WEIGHT_NAME: "kohya" if spec.diffusers_file_layout == "kohya" else "diffusers",
-        KOHYA_WEIGHT_NAME: "kohya" if spec.kohya_file_layout == "kohya" else "sd_scripts",
+        KOHYA_WEIGHT_NAME: "sd_scripts" if spec.kohya_file_layout == "sd_scripts" else "kohya",
         ONETRAINER_WEIGHT_NAME: "kohya",
     }[weight_name]
 
@@ -307,11 +307,12 @@ def test_sgm_named_sdxl_kohya_keys_load_exactly(saved, tmp_path):
         p.replace(".", "_"): sgm.replace(".", "_") for sgm, p in sgm_module_names(pipe.unet.config, paths).items()
     }
     tensors = {}
-    for key, tensor in load_file(s.directory / KOHYA_WEIGHT_NAME).items():
+    for key, tensor in load_file(s.directory / DIFFUSERS_WEIGHT_NAME).items():  # kohya keys, diffusers names
         stem, _, suffix = key.partition(".")
         if stem.startswith("lora_unet_"):
             stem = "lora_unet_" + to_sgm[stem.removeprefix("lora_unet_")]
         tensors[f"{stem}.{suffix}"] = tensor
+    assert tensors.keys() == load_file(s.directory / KOHYA_WEIGHT_NAME).keys()  # our kohya file names them so
     assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
     assert any(k.startswith("lora_unet_output_blocks_") for k in tensors)
     save_file(tensors, str(tmp_path / "sgm.safetensors"))
@@ -454,10 +455,31 @@ class _WithTextModel(nn.Module):
         self.text_model = text_encoder
 
 
+def _sgm_named_view(unet: nn.Module) -> nn.Module:
+    """The modules of a diffusers UNet under Stability's original names (input_blocks.4.1....), as
+    sd-scripts' SDXL UNet (sdxl_original_unet.py) names them; the modules themselves are shared."""
+    from moslora_diffusion.formats.sgm_names import sgm_module_names
+
+    paths = [name for name, _ in unet.named_modules()]
+    view = nn.Module()
+    for sgm, path in sgm_module_names(unet.config, paths).items():
+        parent = view
+        *containers, leaf = sgm.split(".")
+        for name in containers:
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        if not hasattr(parent, leaf):
+            parent.add_module(leaf, unet.get_submodule(path))
+    return view
+
+
 @pytest.mark.parametrize("weight_name", [DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
 @pytest.mark.parametrize("family", CLIENT_FAMILIES)
 def test_lycoris_merges_the_kohya_file(saved, family, weight_name, monkeypatch):
-    """lycoris-lora 4.1.3's kohya network (what A1111/Forge extensions use): every module consumed."""
+    """lycoris-lora 4.1.3's kohya network (what A1111/Forge extensions use): every module consumed. It names
+    modules after the UNet it is given: a diffusers UNet for the diffusers file, and for SDXL's kohya file
+    (SGM names) the UNet sd-scripts trains SDXL on, whose names the view gives."""
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     # LyCORIS 4.1.3's default training preset targets time_embedding twice on a diffusers UNet (by class
     # and by name) and its constructor asserts on the duplicate; loading from weights ignores the preset.
@@ -468,11 +490,13 @@ def test_lycoris_merges_the_kohya_file(saved, family, weight_name, monkeypatch):
     encoders = [te if hasattr(te, "text_model") else _WithTextModel(te) for te in encoders]
     text_encoder = encoders if len(encoders) > 1 else encoders[0]
     file = s.directory / weight_name
+    sgm_names = weight_name == KOHYA_WEIGHT_NAME and get_family(family).kohya_file_layout == "kohya_sgm"
+    unet = _sgm_named_view(pipe.unet) if sgm_names else pipe.unet
     network, weights = lycoris_kohya.create_network_from_weights(
-        1.0, str(file), None, text_encoder, pipe.unet, for_inference=True
+        1.0, str(file), None, text_encoder, unet, for_inference=True
     )
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in load_file(file)})
-    network.merge_to(text_encoder, pipe.unet, weights, torch.float32, "cpu")
+    network.merge_to(text_encoder, unet, weights, torch.float32, "cpu")
     assert_images_equal(images(pipe, family), s.live)
 
 

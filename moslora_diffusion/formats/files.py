@@ -3,7 +3,8 @@
     moslora_weights.safetensors                   native (:mod:`.native`)
     pytorch_lora_weights.safetensors              the diffusers file (:mod:`.diffusers_file`: kohya keys for
                                                   SD1/SD2/SDXL, folded PEFT keys for SD3/Flux)
-    pytorch_lora_weights_kohya.safetensors        kohya (:mod:`.kohya`; SD3/Flux: sd-scripts' names, :mod:`.sd_scripts`)
+    pytorch_lora_weights_kohya.safetensors        kohya (:mod:`.kohya`; SDXL: SGM UNet names, :mod:`.sgm_names`;
+                                                  SD3/Flux: sd-scripts' names, :mod:`.sd_scripts`)
     pytorch_lora_weights_onetrainer.safetensors   OneTrainer's (``moslora export --layout onetrainer`` only)
 
 Reading takes any of these, and other trainers' files in the same layouts (diffusers/PEFT keys as
@@ -28,6 +29,7 @@ from .kohya import kohya_state_dict, parse_kohya
 from .names import FORMATS, LAYOUTS
 from .native import native_state_dict, parse_native
 from .sd_scripts import NoSdScriptsName, parse_sd_scripts, sd_scripts_state_dict
+from .sgm_names import NoSgmName, with_sgm_unet_names
 from .state import AdapterState
 
 logger = logging.getLogger(__name__)
@@ -104,11 +106,20 @@ def layout_state_dict(state: AdapterState, layout: str, title: str | None = None
 
 
 def kohya_file_state_dict(state: AdapterState, title: str | None = None, denoiser_config: dict | None = None):
-    """The kohya file: kohya keys (SD1/SD2/SDXL) or sd-scripts' original names (SD3/Flux:
-    ``Family.kohya_file_layout``). An SD3/Flux adapter on a module sd-scripts has no name for (Flux's final
-    layer) is written in OneTrainer's layout instead, with a warning that says so."""
-    if state.family is None or get_family(state.family).kohya_file_layout == "kohya":
+    """The kohya file (``Family.kohya_file_layout``): kohya keys (SD1/SD2), kohya keys with the UNet under
+    its SGM names (SDXL, :mod:`.sgm_names`) or sd-scripts' original names (SD3/Flux). An adapter on a
+    module that layout has no name for (Flux's final layer) is written with diffusers module names
+    instead (OneTrainer's layout for SD3/Flux), with a warning that says so."""
+    layout = "kohya" if state.family is None else get_family(state.family).kohya_file_layout
+    if layout == "kohya":
         return kohya_state_dict(state, title)
+    if layout == "kohya_sgm":
+        try:
+            renamed = with_sgm_unet_names(state, get_family(state.family).denoiser, denoiser_config)
+        except NoSgmName as err:
+            logger.warning("%s has diffusers' UNet names (lora_unet_down_blocks_...): %s", KOHYA_WEIGHT_NAME, err)
+            return kohya_state_dict(state, title)
+        return kohya_state_dict(renamed, title)
     try:
         return sd_scripts_state_dict(state, title, denoiser_config)
     except NoSdScriptsName as err:

@@ -483,6 +483,7 @@ def _train(
         output_dir,
         frozen=_frozen_adapters(components, trained),
         base_model=config.pretrained_model_name_or_path,
+        denoiser_config=dict(components[family.denoiser].config),
     )
     if accelerator.is_main_process:
         images = [(prompt, image) for prompt, row in validate(global_step, final=True) for image in row]
@@ -585,11 +586,20 @@ def _frozen_adapters(components: dict, trained: dict) -> dict[str, torch.nn.Modu
 
 
 def _write_adapter_files(
-    accelerator, prepared_models: dict, trained: dict, family, output_dir: Path, *, frozen: dict, base_model: str
+    accelerator,
+    prepared_models: dict,
+    trained: dict,
+    family,
+    output_dir: Path,
+    *,
+    frozen: dict,
+    base_model: str,
+    denoiser_config: dict,
 ) -> dict[str, Path]:
     """The final adapter in the three layouts, gathered whole from every process (a collective under FSDP or
     ZeRO-3) and written by the main process; a write that fails stops every process with one line. ``frozen``
-    components (never prepared, so never sharded) are read as they are."""
+    components (never prepared, so never sharded) are read as they are; ``denoiser_config`` places modules
+    under the original model's names in the kohya file (SDXL, SD3, Flux)."""
     from ..loaders import component_adapter_from_model
 
     adapters = gather_adapters(accelerator, prepared_models)
@@ -599,7 +609,7 @@ def _write_adapter_files(
         for name, model in frozen.items():
             state.components[name] = component_adapter_from_model(model, ADAPTER_NAME, name)
         try:
-            written = write_adapter_files(state, output_dir)
+            written = write_adapter_files(state, output_dir, denoiser_config=denoiser_config)
         except OSError as err:
             failure = _reason(err)
         else:

@@ -131,6 +131,11 @@ def client_file_descriptions(family) -> dict[str, str]:
         )
     if family.kohya_file_layout == "kohya":
         kohya = "the same LoRA with kohya/webui keys: AUTOMATIC1111, Forge, ComfyUI, LyCORIS, sd-scripts"
+    elif family.kohya_file_layout == "kohya_sgm":
+        kohya = (
+            "the same LoRA with kohya/webui keys, the UNet in Stability's original block names as sd-scripts "
+            "writes them: AUTOMATIC1111, Forge, ComfyUI, LyCORIS, sd-scripts"
+        )
     else:
         kohya = "the same LoRA in kohya sd-scripts' names (q, k, v fused): sd-scripts, Forge, ComfyUI"
     return {
