@@ -106,12 +106,13 @@ def test_a_single_file_keeps_what_the_layout_does_not_know(tiny_base, lora_file,
     assert merged["model_ema.decay"].dtype == torch.bfloat16 and merged["v_pred"].numel() == 0
 
 
-def test_a_single_file_merges_into_a_diffusers_folder(tiny_base, lora_file, tmp_path):
-    folder = tiny_base("sd15")
-    base = _single_file_twin("sd15", folder, tmp_path)
-    from_folder = merge_checkpoint(folder, [lora_file("sd15")], tmp_path / "from_folder")
-    from_file = merge_checkpoint(base, [lora_file("sd15")], tmp_path / "from_file", base_config=folder)
-    for component in ("unet", "text_encoder", "vae"):
+@pytest.mark.parametrize("family", ["sd15", "flux2"])  # a full single file; a transformer-only one
+def test_a_single_file_merges_into_a_diffusers_folder(family, tiny_base, lora_file, tmp_path):
+    folder = tiny_base(family)
+    base = _single_file_twin(family, folder, tmp_path)
+    from_folder = merge_checkpoint(folder, [lora_file(family)], tmp_path / "from_folder")
+    from_file = merge_checkpoint(base, [lora_file(family)], tmp_path / "from_file", base_config=folder)
+    for component in (get_family(family).denoiser, "text_encoder", "vae"):
         want = load_file(str(next((from_folder.output / component).glob("*.safetensors"))))
         got = load_file(str(next((from_file.output / component).glob("*.safetensors"))))
         assert got.keys() == want.keys(), component
