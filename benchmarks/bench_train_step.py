@@ -20,6 +20,12 @@ peak over two steps, in-process.
     python benchmarks/bench_train_step.py --model sdxl --ranks 4 16 64
     python benchmarks/bench_train_step.py --model sd3 --ranks 4 16 64
     python benchmarks/bench_train_step.py --model sd3 --depth 24 --resolution 1024 --device cuda --dtype bf16
+    python benchmarks/bench_train_step.py --model flux2 --ranks 16 --methods peft_lora moslora
+
+The newer families (chroma, zimage, qwenimage, flux2_klein, flux2) are small shapes of the real models: head
+width 128 as released, fewer heads (``--heads``, default 8: width 1024) and blocks, the real text width, and
+the step is the trainer's own (``Family.predict``: packing, ids, masks and time conventions as in training),
+adapted with the family's "attention" preset.
 
 Prints a markdown table: step time min / median / max, ratios to PEFT LoRA, and memory.
 See docs/performance.md for the measured tables.
@@ -43,7 +49,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    ZImageTransformer2DModel,
+)
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -51,8 +64,9 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Method, markdown_header, markdown_row, peft_layers_removed, summarize, time_interleaved
 from moslora_diffusion import MoSLoRAConfig, add_moslora, moslora_layers
+from moslora_diffusion.families import get_family
 from moslora_diffusion.layer import MoSLoRAVariant, fold_mixer_into_lora_a
-from moslora_diffusion.targets import PRESETS
+from moslora_diffusion.targets import PRESETS, resolve_target_modules
 
 REPO = Path(__file__).resolve().parents[1]
 # Several adapters on one model is the point here.
@@ -109,16 +123,22 @@ VARIANTS = {
 # Models: real widths, random weights; depth reduced where CPU time or memory demands (see `describe`).
 
 
+def _sample(model: nn.Module, inputs: dict) -> torch.Tensor:
+    return model(**inputs).sample
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[..., nn.Module]  # (depth, transformer_depth) -> model
+    build: Callable[..., nn.Module]  # (depth, transformer_depth[, heads]) -> model
     inputs: Callable[[int, int, torch.Generator], dict]  # (batch, latent side, generator) -> forward kwargs
-    targets: list[str]
+    targets: list[str] | str  # module names, or a preset name resolved against the built model
     depth: int  # the default (reduced for CPU time); the real model's is in the builder's docstring
     transformer_depth: int | None
     resolution: int
     batch: int
-    describe: Callable[[int, int | None], str]
+    describe: Callable[..., str]  # (depth, transformer_depth[, heads]) -> str
+    forward: Callable[[nn.Module, dict], torch.Tensor] = _sample  # (model, inputs) -> prediction
+    heads: int | None = None  # attention heads, for the shapes that reduce them
 
 
 def sd15_unet(depth: int, transformer_depth: int | None = None) -> UNet2DConditionModel:
@@ -198,6 +218,85 @@ def _reduced(actual: int, real: int) -> str:
     return "" if actual == real else f" (real: {real})"
 
 
+# ---------------------------------------------------------------------------------------------------
+# The newer families: their transformers at the released head width (128) with fewer heads and blocks, fed
+# as the trainer feeds them (Family.predict) with random latents of the family's VAE and random text states.
+
+
+def _family_forward(family: str, guidance_scale: float = 1.0):
+    def forward(model: nn.Module, inputs: dict) -> torch.Tensor:
+        return get_family(family).predict(
+            model, inputs["latents"], inputs["timesteps"], inputs["conditioning"], {}, guidance_scale=guidance_scale
+        )
+
+    return forward
+
+
+def _family_inputs(channels: int, text_width: int, text_tokens: int, mask: bool, patches: int = 1):
+    """Latents (B, channels * patches^2, side / patches, side / patches), flow-matching timesteps, and
+    ``text_tokens`` random text states of ``text_width`` (with an all-ones mask where the family reads one)."""
+
+    def inputs(batch: int, latent: int, gen: torch.Generator) -> dict:
+        conditioning = {"prompt_embeds": torch.randn(batch, text_tokens, text_width, generator=gen)}
+        if mask:
+            conditioning["prompt_attention_mask"] = torch.ones(batch, text_tokens)
+        side = latent // patches
+        return {
+            "latents": torch.randn(batch, channels * patches * patches, side, side, generator=gen),
+            "timesteps": torch.rand(batch, generator=gen) * 1000,
+            "conditioning": conditioning,
+        }
+
+    return inputs
+
+
+def chroma_transformer(depth: int, transformer_depth: int | None = 2, heads: int = 8) -> ChromaTransformer2DModel:
+    """Chroma1-HD's transformer (T5 width 4096, 24 heads of 128, 19 double and 38 single blocks, a 5-layer
+    guidance approximator 5120 wide) with ``heads`` heads, ``depth`` double and ``transformer_depth`` single
+    blocks, and an approximator as wide as the model."""
+    return ChromaTransformer2DModel(
+        num_layers=depth,
+        num_single_layers=transformer_depth,
+        num_attention_heads=heads,
+        approximator_hidden_dim=heads * 128,
+    )
+
+
+def zimage_transformer(depth: int, transformer_depth: int | None = 1, heads: int = 8) -> ZImageTransformer2DModel:
+    """Z-Image's transformer (30 heads of 128, 30 layers, 2 noise and 2 context refiner layers, Qwen3-4B text
+    width 2560) with ``heads`` heads, ``depth`` layers and ``transformer_depth`` refiner layers of each kind."""
+    return ZImageTransformer2DModel(
+        dim=heads * 128, n_heads=heads, n_kv_heads=heads, n_layers=depth, n_refiner_layers=transformer_depth
+    )
+
+
+def qwenimage_transformer(depth: int, transformer_depth: int | None = None, heads: int = 8):
+    """Qwen-Image's MMDiT (24 heads of 128, 60 blocks, Qwen2.5-VL text width 3584) with ``heads`` heads and
+    ``depth`` blocks."""
+    return QwenImageTransformer2DModel(num_layers=depth, num_attention_heads=heads)
+
+
+def flux2_transformer(depth: int, transformer_depth: int | None = 2, heads: int = 8, klein: bool = False):
+    """FLUX.2 [dev]'s transformer (48 heads of 128, 8 double and 48 single blocks, Mistral text width 3 x 5120,
+    a guidance input) with ``heads`` heads, ``depth`` double and ``transformer_depth`` single blocks; ``klein``:
+    no guidance input and Qwen3-4B's text width (3 x 2560)."""
+    return Flux2Transformer2DModel(
+        num_layers=depth,
+        num_single_layers=transformer_depth,
+        num_attention_heads=heads,
+        joint_attention_dim=3 * 2560 if klein else 3 * 5120,
+        guidance_embeds=not klein,
+    )
+
+
+def _small(name: str, depth_words: str, real: str):
+    def describe(depth: int, transformer_depth: int | None, heads: int) -> str:
+        blocks = depth_words.format(depth=depth, transformer_depth=transformer_depth)
+        return f"{name}-shaped transformer, {heads} heads of 128 ({heads * 128} wide), {blocks} (real: {real})"
+
+    return describe
+
+
 # Defaults are the CPU-sized configurations documented in docs/performance.md.
 MODELS: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
@@ -233,6 +332,66 @@ MODELS: dict[str, ModelSpec] = {
         1,
         lambda d, t: f"SD3-medium-shaped transformer, {d} joint blocks{_reduced(d, 24)}",
     ),
+    "chroma": ModelSpec(
+        chroma_transformer,
+        _family_inputs(16, 4096, 256, mask=True),
+        "attention",
+        1,
+        2,
+        256,
+        1,
+        _small("Chroma", "{depth} double + {transformer_depth} single blocks", "24 heads, 19 + 38 blocks"),
+        _family_forward("chroma"),
+        8,
+    ),
+    "zimage": ModelSpec(
+        zimage_transformer,
+        _family_inputs(16, 2560, 256, mask=True),
+        "attention",
+        2,
+        1,
+        256,
+        1,
+        _small("Z-Image", "{depth} layers + {transformer_depth} refiner layer(s) each", "30 heads, 30 + 2 layers"),
+        _family_forward("zimage"),
+        8,
+    ),
+    "qwenimage": ModelSpec(
+        qwenimage_transformer,
+        _family_inputs(16, 3584, 256, mask=True),
+        "attention",
+        2,
+        None,
+        256,
+        1,
+        _small("Qwen-Image", "{depth} blocks", "24 heads, 60 blocks"),
+        _family_forward("qwenimage"),
+        8,
+    ),
+    "flux2_klein": ModelSpec(
+        lambda d, t=2, heads=8: flux2_transformer(d, t, heads, klein=True),
+        _family_inputs(32, 3 * 2560, 256, mask=False, patches=2),
+        "attention",
+        1,
+        2,
+        256,
+        1,
+        _small("FLUX.2 [klein]", "{depth} double + {transformer_depth} single blocks", "4B: 24 heads, 5 + 20 blocks"),
+        _family_forward("flux2_klein"),
+        8,
+    ),
+    "flux2": ModelSpec(
+        flux2_transformer,
+        _family_inputs(32, 3 * 5120, 256, mask=False, patches=2),
+        "attention",
+        1,
+        2,
+        256,
+        1,
+        _small("FLUX.2 [dev]", "{depth} double + {transformer_depth} single blocks", "48 heads, 8 + 48 blocks"),
+        _family_forward("flux2", guidance_scale=3.5),
+        8,
+    ),
 }
 
 
@@ -247,6 +406,7 @@ class Setup:
     resolution: int
     device: str = "cpu"
     dtype: str = "fp32"
+    heads: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -256,9 +416,14 @@ class Setup:
     def spec(self) -> ModelSpec:
         return MODELS[self.model]
 
+    @property
+    def shape(self) -> tuple:
+        """The builder's and describer's arguments: depths, and heads where the shape reduces them."""
+        return (self.depth, self.transformer_depth) + ((self.heads,) if self.heads is not None else ())
+
     def describe(self) -> str:
         return (
-            f"{self.spec.describe(self.depth, self.transformer_depth)}, random weights; {self.resolution} px "
+            f"{self.spec.describe(*self.shape)}, random weights; {self.resolution} px "
             f"({self.resolution // 8}^2 latents), batch {self.batch}, {self.dtype} on {self.device}"
         )
 
@@ -266,7 +431,7 @@ class Setup:
 def build_model(setup: Setup, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     with torch.device(setup.device):
-        model = setup.spec.build(setup.depth, setup.transformer_depth)
+        model = setup.spec.build(*setup.shape)
     model.requires_grad_(False)
     return model if setup.dtype == "fp32" else model.to(setup.torch_dtype)
 
@@ -282,7 +447,7 @@ def model_inputs(setup: Setup) -> tuple[dict, torch.Tensor]:
         return x.to(setup.device, setup.torch_dtype if x.is_floating_point() else x.dtype)
 
     inputs = move(inputs)
-    latents = inputs.get("sample", inputs.get("hidden_states"))
+    latents = inputs.get("sample", inputs.get("hidden_states", inputs.get("latents")))
     return inputs, torch.randn(latents.shape, generator=gen).to(latents)
 
 
@@ -372,7 +537,7 @@ def make_step(setup: Setup, model: nn.Module, params: list[nn.Parameter], inputs
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        loss = F.mse_loss(model(**inputs).sample.float(), target.float())
+        loss = F.mse_loss(setup.spec.forward(model, inputs).float(), target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -383,12 +548,13 @@ def make_step(setup: Setup, model: nn.Module, params: list[nn.Parameter], inputs
 
 def add_method(setup: Setup, model: nn.Module, method: str, rank: int):
     """Put ``method`` on ``model``; returns its LyCORIS network (applied later) or None for PEFT methods."""
+    targets = resolve_target_modules(model, setup.spec.targets)
     if method.startswith("lycoris"):
-        network = lycoris_locon_network(model, rank, setup.spec.targets, bypass=method.endswith("bypass"))
+        network = lycoris_locon_network(model, rank, targets, bypass=method.endswith("bypass"))
         for lora in network.loras:  # in the model's dtype, as diffusers' add_adapter leaves PEFT's adapters
             lora.to(device=setup.device, dtype=setup.torch_dtype)
         return network
-    add_peft_method(model, method, rank, setup.spec.targets)
+    add_peft_method(model, method, rank, targets)
     return None
 
 
@@ -430,7 +596,7 @@ def shared_model_methods(setup: Setup, methods: list[str], rank: int):
 # Memory
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict, exclude: list[nn.Parameter]) -> int:
+def saved_activation_bytes(setup: Setup, model: nn.Module, inputs: dict, exclude: list[nn.Parameter]) -> int:
     """Bytes autograd keeps for backward in one forward: unique storages, parameters (the model's and
     the adapter's own) not counted, so what remains is activations and per-step intermediates."""
     excluded = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(exclude)}
@@ -443,7 +609,7 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, exclude: list[nn.Para
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs).sample.float().mean().backward()
+        setup.spec.forward(model, inputs).float().mean().backward()
     model.zero_grad(set_to_none=True)
     for p in exclude:
         p.grad = None
@@ -500,6 +666,10 @@ def cuda_peak_mib(method: Method) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _targets_text(targets: list[str] | str) -> str:
+    return f"the family's {targets!r} preset" if isinstance(targets, str) else ", ".join(targets)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
@@ -514,13 +684,18 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         help="sd15, sdxl: layers per UNet block (real: 2; default 1); sd3: joint transformer blocks (SD3-medium: "
-        "24; default 2)",
+        "24; default 2); chroma, flux2, flux2_klein: double blocks (default 1); zimage: layers, qwenimage: blocks "
+        "(default 2)",
     )
     parser.add_argument(
         "--transformer-depth",
         type=int,
         default=None,
-        help="sdxl: transformer layers per block at the 1280 level (SDXL: 10; default 2)",
+        help="sdxl: transformer layers per block at the 1280 level (SDXL: 10; default 2); chroma, flux2, "
+        "flux2_klein: single blocks (default 2); zimage: refiner layers of each kind (default 1)",
+    )
+    parser.add_argument(
+        "--heads", type=int, default=None, help="the newer families: attention heads of 128 (default 8)"
     )
     parser.add_argument(
         "--methods",
@@ -553,6 +728,7 @@ def main(argv=None) -> None:
         resolution=args.resolution or spec.resolution,
         device=args.device,
         dtype=args.dtype,
+        heads=args.heads or spec.heads,
     )
     methods = ["peft_lora"] + [m for m in args.methods if m != "peft_lora"]
     on_cuda = setup.device.startswith("cuda")
@@ -560,7 +736,7 @@ def main(argv=None) -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setup.describe()}; {args.rounds} "
-        f"interleaved rounds; adapted: {', '.join(spec.targets)}; memory: {memory_kind}\n",
+        f"interleaved rounds; adapted: {_targets_text(spec.targets)}; memory: {memory_kind}\n",
         flush=True,
     )
     header = [
@@ -585,7 +761,7 @@ def main(argv=None) -> None:
         saved = {}
         for method in contenders:
             with method.active():
-                saved[method.name] = saved_activation_bytes(model, inputs, method.notes["params"]) / 2**20
+                saved[method.name] = saved_activation_bytes(setup, model, inputs, method.notes["params"]) / 2**20
         times, cpu_times = time_interleaved(contenders, args.rounds)
         memory = {m.name: cuda_peak_mib(m) for m in contenders} if on_cuda and not args.no_rss else {}
         del model, inputs, contenders

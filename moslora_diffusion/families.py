@@ -537,7 +537,9 @@ class Chroma(Family):
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1"}
     diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "chroma"
-    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    # As Chroma1-HD.safetensors: the transformer alone, BFL names (Flux's, with the distilled guidance layer).
+    single_file_layout = (("transformer", "chroma", ""),)
+    reference_repository = "lodestones/Chroma1-HD"
     modelspec_architecture = "chroma/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -617,7 +619,9 @@ class ZImage(Family):
     kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
     diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "z_image"
-    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    # As ComfyUI's z_image_turbo_bf16.safetensors: the transformer alone, Tongyi's names (fused attention.qkv).
+    single_file_layout = (("transformer", "zimage", ""),)
+    reference_repository = "Tongyi-MAI/Z-Image-Turbo"
     modelspec_architecture = "z-image/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -659,7 +663,9 @@ class QwenImage(Family):
     kohya_prefixes = {"transformer": "lycoris", "text_encoder": "lora_te"}
     diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
     ss_base_model_version = "qwen_image"
-    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    # As ComfyUI's qwen_image_*.safetensors: the transformer alone, in diffusers' names.
+    single_file_layout = (("transformer", "qwenimage", ""),)
+    reference_repository = "Qwen/Qwen-Image"
     modelspec_architecture = "qwen-image/lora"
     objective = "flow_matching"
     default_resolution = 1024
@@ -755,7 +761,8 @@ class _Flux2Base(Family):
     # blocks' attn.to_qkv_mlp_proj -> linear1, attn.to_out -> linear2) under lora_transformer_ (OneTrainer's).
     kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te"}
     diffusers_file_layout = "peft_folded"  # PEFT keys, scale folded: what diffusers and ComfyUI both read
-    single_file_layout = ()  # not written yet: merge to a diffusers folder
+    # As BFL's flux2-dev.safetensors and [klein] files: the transformer alone, BFL names.
+    single_file_layout = (("transformer", "flux2", ""),)
     objective = "flow_matching"
     default_resolution = 1024
     resolution_multiple = 16  # the VAE's stride 8 times the 2x2 patches
@@ -802,6 +809,7 @@ class Flux2Klein(_Flux2Base):
     name = "flux2_klein"
     pipeline_class = "Flux2KleinPipeline"
     ss_base_model_version = "flux2_klein"
+    reference_repository = "black-forest-labs/FLUX.2-klein-4B"  # the 9B needs its own --base_config
     modelspec_architecture = "Flux.2-klein/lora"  # musubi-tuner's names: Flux.2-klein-4b / -9b
     license = "other"  # 4B: apache-2.0, 9B: FLUX non-commercial; the card cannot tell which
     hub_tags = ("flux2", "flux2-klein", "flux-diffusers")
@@ -831,6 +839,7 @@ class Flux2(_Flux2Base):
     name = "flux2"
     pipeline_class = "Flux2Pipeline"
     ss_base_model_version = "flux2_dev"
+    reference_repository = "black-forest-labs/FLUX.2-dev"
     modelspec_architecture = "Flux.2-dev/lora"  # musubi-tuner's name
     license = "other"  # the FLUX [dev] non-commercial licence
     hub_tags = ("flux2", "flux2-dev", "flux-diffusers")

@@ -9,6 +9,12 @@ reads) keeps the names of the code each model was released with:
                  conditioner.embedders.1.model.* (OpenCLIP bigG)
     sd3    MMDiT: model.diffusion_model.* (fused q/k/v) and first_stage_model.*, as sd3_medium.safetensors
     flux   BFL:  bare double_blocks.* / single_blocks.* names, as flux1-dev.safetensors (transformer only)
+    chroma BFL:  Flux's blocks without modulation, plus distilled_guidance_layer.*, as Chroma1-HD.safetensors
+    flux2, flux2_klein  BFL:  double_blocks.* (fused qkv), single_blocks.*.linear1/2, shared *_modulation.lin,
+                 as BFL's flux2-dev.safetensors and [klein] files (transformer only)
+    zimage Tongyi: layers.* / noise_refiner.* / context_refiner.* with fused attention.qkv, as ComfyUI's
+                 z_image_turbo_bf16.safetensors (transformer only)
+    qwenimage    diffusers' own names, as ComfyUI's qwen_image_*.safetensors (transformer only)
 
 diffusers' ``loaders.single_file_utils`` converts each of these into diffusers names; this module is that
 conversion's inverse, written as a plan: every tensor of the single file is named together with the
@@ -274,6 +280,13 @@ def _flux_rules(keys: list[str], config: Mapping) -> list[Rule]:
         (r"x_embedder\.(.+)", r"img_in.\1"),
         (r"proj_out\.(.+)", r"final_layer.linear.\1"),
         (r"norm_out\.linear\.(.+)", r"final_layer.adaLN_modulation.1.\1", None, _swap_halves),
+        *_flux_block_rules(double, single),
+    ]
+
+
+def _flux_block_rules(double: str, single: str) -> list[Rule]:
+    """Flux's double and single blocks in BFL names (Chroma's too, which lack the modulation layers)."""
+    return [
         (rf"{double}\.norm1\.linear\.(.+)", r"double_blocks.\1.img_mod.lin.\2"),
         (rf"{double}\.norm1_context\.linear\.(.+)", r"double_blocks.\1.txt_mod.lin.\2"),
         (rf"{double}\.attn\.to_([qkv])\.(.+)", r"double_blocks.\1.img_attn.qkv.\3", _qkv(2)),
@@ -299,6 +312,99 @@ def _flux_rules(keys: list[str], config: Mapping) -> list[Rule]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Chroma: the inverse of convert_chroma_transformer_checkpoint_to_diffusers (Flux's blocks without their
+# modulation layers, which Chroma's distilled guidance layer replaces)
+
+
+def _chroma_rules(keys: list[str], config: Mapping) -> list[Rule]:
+    approximator = r"distilled_guidance_layer"
+    return [
+        (rf"{approximator}\.(in_proj|out_proj)\.(.+)", r"distilled_guidance_layer.\1.\2"),
+        (rf"{approximator}\.layers\.(\d+)\.linear_1\.(.+)", r"distilled_guidance_layer.layers.\1.in_layer.\2"),
+        (rf"{approximator}\.layers\.(\d+)\.linear_2\.(.+)", r"distilled_guidance_layer.layers.\1.out_layer.\2"),
+        (rf"{approximator}\.norms\.(\d+)\.weight", r"distilled_guidance_layer.norms.\1.scale"),
+        (r"context_embedder\.(.+)", r"txt_in.\1"),
+        (r"x_embedder\.(.+)", r"img_in.\1"),
+        (r"proj_out\.(.+)", r"final_layer.linear.\1"),
+        *_flux_block_rules(r"transformer_blocks\.(\d+)", r"single_transformer_blocks\.(\d+)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flux.2 ([dev] and [klein]): the inverse of convert_flux2_transformer_checkpoint_to_diffusers. One
+# modulation serves all blocks, and diffusers keeps the single blocks' fused linear1 whole.
+
+_QK_NORMS = {"q": "query_norm", "k": "key_norm"}
+
+
+def _flux2_rules(keys: list[str], config: Mapping) -> list[Rule]:
+    double = r"transformer_blocks\.(\d+)"
+    single = r"single_transformer_blocks\.(\d+)"
+    embedders = {"timestep": "time_in", "guidance": "guidance_in"}
+    layers = {"1": "in_layer", "2": "out_layer"}
+    modulations = r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)"
+    return [
+        (r"x_embedder\.(.+)", r"img_in.\1"),
+        (r"context_embedder\.(.+)", r"txt_in.\1"),
+        (
+            r"time_guidance_embed\.(timestep|guidance)_embedder\.linear_([12])\.(.+)",
+            lambda m: f"{embedders[m.group(1)]}.{layers[m.group(2)]}.{m.group(3)}",
+        ),
+        (rf"{modulations}\.linear\.(.+)", r"\1.lin.\2"),
+        (r"proj_out\.(.+)", r"final_layer.linear.\1"),
+        (r"norm_out\.linear\.weight", "final_layer.adaLN_modulation.1.weight", None, _swap_halves),
+        (rf"{double}\.attn\.to_([qkv])\.(.+)", r"double_blocks.\1.img_attn.qkv.\3", _qkv(2)),
+        (rf"{double}\.attn\.add_([qkv])_proj\.(.+)", r"double_blocks.\1.txt_attn.qkv.\3", _qkv(2)),
+        (
+            rf"{double}\.attn\.norm_([qk])\.weight",
+            lambda m: f"double_blocks.{m.group(1)}.img_attn.norm.{_QK_NORMS[m.group(2)]}.scale",
+        ),
+        (
+            rf"{double}\.attn\.norm_added_([qk])\.weight",
+            lambda m: f"double_blocks.{m.group(1)}.txt_attn.norm.{_QK_NORMS[m.group(2)]}.scale",
+        ),
+        (rf"{double}\.attn\.to_out\.0\.(.+)", r"double_blocks.\1.img_attn.proj.\2"),
+        (rf"{double}\.attn\.to_add_out\.(.+)", r"double_blocks.\1.txt_attn.proj.\2"),
+        (rf"{double}\.ff\.linear_in\.(.+)", r"double_blocks.\1.img_mlp.0.\2"),
+        (rf"{double}\.ff\.linear_out\.(.+)", r"double_blocks.\1.img_mlp.2.\2"),
+        (rf"{double}\.ff_context\.linear_in\.(.+)", r"double_blocks.\1.txt_mlp.0.\2"),
+        (rf"{double}\.ff_context\.linear_out\.(.+)", r"double_blocks.\1.txt_mlp.2.\2"),
+        (rf"{single}\.attn\.to_qkv_mlp_proj\.(.+)", r"single_blocks.\1.linear1.\2"),
+        (rf"{single}\.attn\.to_out\.(.+)", r"single_blocks.\1.linear2.\2"),
+        (
+            rf"{single}\.attn\.norm_([qk])\.weight",
+            lambda m: f"single_blocks.{m.group(1)}.norm.{_QK_NORMS[m.group(2)]}.scale",
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Z-Image (Tongyi's names): the inverse of convert_z_image_transformer_checkpoint_to_diffusers, which reads
+# only the embedder and final layer of Z-Image's own patch sizes (2x2 pixels, one frame: "2-1")
+
+
+def _zimage_rules(keys: list[str], config: Mapping) -> list[Rule]:
+    attention = r"(.+)\.attention"
+    return [
+        (r"all_x_embedder\.2-1\.(.+)", r"x_embedder.\1"),
+        (r"all_final_layer\.2-1\.(.+)", r"final_layer.\1"),
+        (rf"{attention}\.to_([qkv])\.weight", r"\1.attention.qkv.weight", _qkv(2)),
+        (rf"{attention}\.to_out\.0\.(.+)", r"\1.attention.out.\2"),
+        (rf"{attention}\.norm_([qk])\.weight", r"\1.attention.\2_norm.weight"),
+        (r"(?!all_)(.+)", r"\1"),  # every other name is Tongyi's already
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen-Image: the released transformer uses diffusers' names (diffusers reads the file as it is; ComfyUI
+# maps the same names)
+
+
+def _qwenimage_rules(keys: list[str], config: Mapping) -> list[Rule]:
+    return [(r"(.+)", r"\1")]
+
+
+# ---------------------------------------------------------------------------------------------------
 # The layouts, per family: (component, rules, key prefix in the single file)
 
 _RULES = {
@@ -308,7 +414,13 @@ _RULES = {
     "open_clip": _open_clip_rules,
     "sd3": _sd3_rules,
     "flux": _flux_rules,
+    "chroma": _chroma_rules,
+    "flux2": _flux2_rules,
+    "zimage": _zimage_rules,
+    "qwenimage": _qwenimage_rules,
 }
+# The rules of a denoiser transformer: a file of its family always holds it, bare-named or prefixed.
+TRANSFORMER_RULES = ("sd3", "flux", "chroma", "flux2", "zimage", "qwenimage")
 
 # family name -> (component, rules, key prefix in the single file); each family declares its own.
 SINGLE_FILE_LAYOUTS: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -321,7 +433,10 @@ def single_file_components(family: str) -> tuple[str, ...]:
     if family not in SINGLE_FILE_LAYOUTS:
         raise ValueError(f"No single-file layout for family {family!r}; known: {', '.join(SINGLE_FILE_LAYOUTS)}")
     if not SINGLE_FILE_LAYOUTS[family]:
-        raise ValueError(f"merging a {family} model into one single file is not supported yet; merge to a folder")
+        raise ValueError(
+            f"a {family} model cannot be merged into one single file: diffusers has no single-file converter for "
+            "it, so nothing could read the file back; merge to a folder (--output DIR)"
+        )
     return tuple(component for component, _, _ in SINGLE_FILE_LAYOUTS[family])
 
 

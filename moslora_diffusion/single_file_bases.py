@@ -8,7 +8,12 @@ file does not hold (T5 and the CLIPs beside flux1-dev.safetensors or sd3_medium.
 The family is read from key names, never from sizes, so tiny test models are recognised like real ones
 (diffusers' ``infer_diffusers_model_type`` compares widths and block counts of the released models):
 
+    flux2  single_stream_modulation.lin.weight (Flux.2's shared modulation), with guidance_in.* ([dev])
+    flux2_klein                                   the same without guidance_in.* ([klein] takes no guidance)
+    chroma distilled_guidance_layer.in_proj.weight (Chroma's Flux blocks are told apart by this)
     flux   double_blocks.0.img_attn.qkv.weight (bare, or under model.diffusion_model.)
+    zimage layers.0.adaLN_modulation.0.weight with cap_embedder.* (Tongyi's names)
+    qwenimage  txt_norm.weight with img_in.weight (diffusers' names, as ComfyUI tells Qwen-Image apart)
     sd3    joint_blocks.0.x_block.attn.qkv.weight (bare, or under model.diffusion_model.)
     sdxl   conditioner.embedders.* text encoders, or a UNet with label_emb (SDXL's added embeddings)
     sd2    cond_stage_model.model.* (OpenCLIP), or a UNet with linear proj_in
@@ -30,7 +35,7 @@ import torch
 
 from .families import FAMILIES, UNUSED_COMPONENTS, family_of_model_dir, model_index_classes
 from .gguf_bases import gguf_quantization_config, is_gguf_file, read_gguf_tensor_names
-from .single_file import SINGLE_FILE_LAYOUTS
+from .single_file import SINGLE_FILE_LAYOUTS, TRANSFORMER_RULES
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DENOISER_PREFIX = "model.diffusion_model."
@@ -47,8 +52,16 @@ def detect_single_file_family(keys: set[str], proj_in_ndim: int | None = None) -
     SD1), needed only for a UNet-only file without text encoders.
     """
     bare = {_strip(k) for k in keys}
+    if "single_stream_modulation.lin.weight" in bare:
+        return "flux2" if "guidance_in.in_layer.weight" in bare else "flux2_klein"
+    if "distilled_guidance_layer.in_proj.weight" in bare:
+        return "chroma"
     if "double_blocks.0.img_attn.qkv.weight" in bare:
         return "flux"
+    if "layers.0.adaLN_modulation.0.weight" in bare and "cap_embedder.1.weight" in bare:
+        return "zimage"
+    if "txt_norm.weight" in bare and "img_in.weight" in bare:
+        return "qwenimage"
     if "joint_blocks.0.x_block.attn.qkv.weight" in bare:
         return "sd3"
     if any(k.startswith("conditioner.embedders.") for k in keys) or f"{DENOISER_PREFIX}label_emb.0.0.weight" in keys:
@@ -61,7 +74,8 @@ def detect_single_file_family(keys: set[str], proj_in_ndim: int | None = None) -
         return "sd2" if proj_in_ndim == 2 else "sd15"
     example = ", ".join(sorted(keys)[:3]) or "no tensors"
     raise ValueError(
-        f"the single file's tensor names match no known family (SD1.x, SD2.x, SDXL, SD3, Flux; found e.g. {example})"
+        "the single file's tensor names match no known family "
+        f"(SD1.x, SD2.x, SDXL, SD3, Flux, Chroma, Flux.2, Z-Image, Qwen-Image; found e.g. {example})"
     )
 
 
@@ -253,6 +267,6 @@ def load_single_file_components(
 
 
 def _holds(keys: set[str], kind: str, prefix: str) -> bool:
-    if kind in ("sd3", "flux"):  # the family was detected from its transformer, bare-named or prefixed
+    if kind in TRANSFORMER_RULES:  # the family was detected from its transformer, bare-named or prefixed
         return True
     return any(k.startswith(prefix) for k in keys)

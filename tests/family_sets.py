@@ -18,7 +18,7 @@ CLIENT_FAMILIES = UNET_FAMILIES
 DIFFUSERS_KOHYA_FAMILIES = UNET_FAMILIES
 # Families whose kohya file is in sd-scripts' layout (BFL / SAI names, fused projections): sd3, flux.
 SD_SCRIPTS_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.kohya_file_layout == "sd_scripts")
-# Families with a single-file layout (the newer ones merge to diffusers folders only, so far).
+# Families with a single-file layout that diffusers' from_single_file reads (every family, so far).
 SINGLE_FILE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.single_file_layout)
 # Families whose denoiser diffusers reads from a .gguf file (transformers: its GGUF layers are linear only).
 GGUF_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.gguf_denoiser)

@@ -63,6 +63,34 @@ def test_layer_overhead_benchmark_reports_every_method(capsys):
             assert len(cells) == 9 and all(float(c) > 0 for c in (cells[2], cells[5], cells[7], cells[8])), row
 
 
+NEWER_FAMILIES = ("chroma", "zimage", "qwenimage", "flux2_klein", "flux2")
+
+
+@pytest.mark.parametrize("model", NEWER_FAMILIES)
+def test_train_step_benchmark_feeds_each_newer_family_as_the_trainer_does(model):
+    """Its smallest shape (one head, one block, 32 px): the family's own step predicts latent-shaped output."""
+    from benchmarks import bench_train_step as bench
+
+    setup = bench.Setup(model=model, depth=1, transformer_depth=1, batch=1, resolution=32, heads=1)
+    model_ = bench.build_model(setup)
+    inputs, target = bench.model_inputs(setup)
+    with torch.no_grad():
+        assert setup.spec.forward(model_, inputs).shape == target.shape
+    assert bench.resolve_target_modules(model_, setup.spec.targets), "the attention preset adapts nothing"
+
+
+def test_train_step_benchmark_reports_moslora_against_peft_lora_for_a_newer_family(capsys):
+    from benchmarks import bench_train_step
+
+    argv = ["--model", "qwenimage", "--heads", "1", "--depth", "1", "--rounds", "1", "--resolution", "32", "--no-rss"]
+    bench_train_step.main([*argv, "--ranks", "2", "--methods", "peft_lora", "moslora"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 2 |")}
+    assert set(rows) == {"peft_lora", "moslora"}, out
+    assert float(rows["peft_lora"][6]) == 1.0 and float(rows["moslora"][6]) > 0  # time x PEFT LoRA
+    assert "Qwen-Image-shaped transformer, 1 heads of 128" in out.splitlines()[0]
+
+
 def test_trainer_report_gives_the_ratios_against_the_peer():
     report = json.loads((REPO / "benchmarks" / "results" / "trainer_sd1_tiny_cpu.json").read_text())
     text = bench_trainer.markdown(report)

@@ -24,13 +24,35 @@ from moslora_diffusion.single_file import (
 from moslora_diffusion.testing import make_tiny_pipeline
 
 
-def _flux_converter_for_width(inner_dim: int):
-    """diffusers' Flux converter with its hard-coded width (3072, FLUX.1's) replaced by ``inner_dim``."""
-    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+def _converter_for_width(converter, inner_dim: int):
+    """A diffusers converter (Flux's, Chroma's) with its hard-coded width (3072, FLUX.1's) replaced by ``inner_dim``."""
+    source = inspect.getsource(converter)
     assert "inner_dim = 3072" in source
     namespace = dict(vars(single_file_utils))
     exec(source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)  # noqa: S102
-    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+    return namespace[converter.__name__]
+
+
+def _flux_converter_for_width(inner_dim: int):
+    return _converter_for_width(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers, inner_dim)
+
+
+def _chroma_converter_for_width(inner_dim: int):
+    return _converter_for_width(single_file_utils.convert_chroma_transformer_checkpoint_to_diffusers, inner_dim)
+
+
+def transformer_from_original(kind: str, checkpoint: dict, model) -> dict[str, torch.Tensor]:
+    """diffusers' own converter of a transformer-only single file (what ``from_single_file`` runs)."""
+    sfu = single_file_utils
+    converters = {
+        "sd3": sfu.convert_sd3_transformer_checkpoint_to_diffusers,
+        "flux": _flux_converter_for_width(getattr(model, "inner_dim", 0)),
+        "chroma": _chroma_converter_for_width(getattr(model, "inner_dim", 0)),
+        "flux2": sfu.convert_flux2_transformer_checkpoint_to_diffusers,
+        "zimage": sfu.convert_z_image_transformer_checkpoint_to_diffusers,
+        "qwenimage": dict,  # SINGLE_FILE_LOADABLE_CLASSES reads Qwen-Image's file unchanged
+    }
+    return converters[kind](dict(checkpoint))
 
 
 def _diffusers_from_original(family: str, checkpoint: dict, pipe) -> dict[str, dict[str, torch.Tensor]]:
@@ -47,10 +69,8 @@ def _diffusers_from_original(family: str, checkpoint: dict, pipe) -> dict[str, d
             out[component] = sfu.convert_ldm_clip_checkpoint(dict(checkpoint), prefix)
         elif kind == "open_clip":
             out[component] = sfu.convert_open_clip_checkpoint(model, dict(checkpoint), prefix=prefix)
-        elif kind == "sd3":
-            out[component] = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))
-        elif kind == "flux":
-            out[component] = _flux_converter_for_width(model.inner_dim)(dict(checkpoint))
+        else:
+            out[component] = transformer_from_original(kind, checkpoint, model)
         if not hasattr(model, "text_model") and kind in ("clip", "open_clip"):
             # create_diffusers_clip_model_from_ldm does this for transformers' flattened CLIPTextModel.
             out[component] = {k.removeprefix("text_model."): v for k, v in out[component].items()}
@@ -79,6 +99,13 @@ def test_every_tensor_needs_a_rule():
         original_layout("flux", {"transformer": ["mystery.weight"]}, {})
     with pytest.raises(ValueError, match="needs 3 tensors"):
         original_layout("sd3", {"transformer": ["transformer_blocks.0.attn.to_q.weight"], "vae": []}, {})
+
+
+def test_a_family_without_a_diffusers_converter_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(SINGLE_FILE_LAYOUTS, "flux", ())  # as a family would be whose file diffusers cannot read
+    with pytest.raises(ValueError, match=r"diffusers has no single-file converter .* merge to a folder") as caught:
+        single_file_components("flux")
+    assert "\n" not in str(caught.value)
 
 
 @pytest.fixture(scope="module")

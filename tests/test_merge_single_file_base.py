@@ -7,10 +7,13 @@ import json
 
 import pytest
 import torch
+from diffusers import AutoModel
 from safetensors.torch import load_file, save_file
 from test_merge import lora_file, merge_main, tiny_base  # noqa: F401  (session fixtures)
+from test_merge_single_file import transformer_from_original
 from test_single_file_bases import write_single_file
 
+from moslora_diffusion.families import get_family
 from moslora_diffusion.fileio import read_safetensors_metadata
 from moslora_diffusion.merge import merge_checkpoint
 
@@ -19,6 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # family -> adapter kind of test_merge.lora_file: a MoSLoRA on denoiser and text encoders, or a plain LoRA
 # on the denoiser only (a Flux or SD3 single file holds no text encoder).
 CASES = {"sd15": "moslora", "sdxl": "moslora", "sd3": "plain_denoiser", "flux": "plain_denoiser"}
+# The families whose single file is the transformer alone in its original repository's names (ComfyUI's files).
+TRANSFORMER_FILE_FAMILIES = ("chroma", "zimage", "qwenimage", "flux2_klein", "flux2")
+CASES.update(dict.fromkeys(TRANSFORMER_FILE_FAMILIES, "plain_denoiser"))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +70,28 @@ def test_merging_into_a_single_file_equals_merging_into_its_folder_twin(
     assert record["base"] == str(base) and record["family"] == family
 
 
+@pytest.mark.parametrize("family", TRANSFORMER_FILE_FAMILIES)
+def test_a_merged_single_file_read_by_diffusers_equals_the_merged_folder(family, tiny_base, denoiser_lora, tmp_path):
+    """The single file keeps its own names; diffusers' converter (what from_single_file runs) turns the merged
+    file into exactly the transformer of the same merge written as a diffusers folder."""
+    folder = tiny_base(family)
+    base = _single_file_twin(family, folder, tmp_path)
+    adapter = denoiser_lora(family)
+    from_folder = merge_checkpoint(folder, [(adapter, 0.7)], tmp_path / "from_folder")
+    from_file = merge_checkpoint(base, [(adapter, 0.7)], tmp_path / "from_file.safetensors", base_config=folder)
+
+    merged, original = load_file(str(from_file.output)), load_file(str(base))
+    assert merged.keys() == original.keys()  # the file's own layout, tensor for tensor
+    assert any(not torch.equal(merged[k], original[k]) for k in merged), "the adapter changed nothing"
+    ((_, kind, _),) = get_family(family).single_file_layout
+    model = AutoModel.from_pretrained(str(folder), subfolder="transformer")
+    got = transformer_from_original(kind, merged, model)
+    want = load_file(str(next((from_folder.output / "transformer").glob("*.safetensors"))))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
 def test_a_single_file_keeps_what_the_layout_does_not_know(tiny_base, lora_file, tmp_path):
     """Tensors outside the layout (a v_pred marker, EMA copies, ...) and a bf16 cast, as in real files."""
     folder = tiny_base("sd15")
@@ -78,12 +106,13 @@ def test_a_single_file_keeps_what_the_layout_does_not_know(tiny_base, lora_file,
     assert merged["model_ema.decay"].dtype == torch.bfloat16 and merged["v_pred"].numel() == 0
 
 
-def test_a_single_file_merges_into_a_diffusers_folder(tiny_base, lora_file, tmp_path):
-    folder = tiny_base("sd15")
-    base = _single_file_twin("sd15", folder, tmp_path)
-    from_folder = merge_checkpoint(folder, [lora_file("sd15")], tmp_path / "from_folder")
-    from_file = merge_checkpoint(base, [lora_file("sd15")], tmp_path / "from_file", base_config=folder)
-    for component in ("unet", "text_encoder", "vae"):
+@pytest.mark.parametrize("family", ["sd15", "flux2"])  # a full single file; a transformer-only one
+def test_a_single_file_merges_into_a_diffusers_folder(family, tiny_base, lora_file, tmp_path):
+    folder = tiny_base(family)
+    base = _single_file_twin(family, folder, tmp_path)
+    from_folder = merge_checkpoint(folder, [lora_file(family)], tmp_path / "from_folder")
+    from_file = merge_checkpoint(base, [lora_file(family)], tmp_path / "from_file", base_config=folder)
+    for component in (get_family(family).denoiser, "text_encoder", "vae"):
         want = load_file(str(next((from_folder.output / component).glob("*.safetensors"))))
         got = load_file(str(next((from_file.output / component).glob("*.safetensors"))))
         assert got.keys() == want.keys(), component

@@ -7,7 +7,7 @@ import pytest
 import torch
 from family_sets import SINGLE_FILE_FAMILIES
 from safetensors.torch import save_file
-from test_merge_single_file import _flux_converter_for_width
+from test_merge_single_file import _chroma_converter_for_width, _flux_converter_for_width
 
 from moslora_diffusion.single_file import single_file_components, to_original_state_dict
 from moslora_diffusion.single_file_bases import (
@@ -48,12 +48,16 @@ def config_folders(tmp_path_factory):
 
 @pytest.fixture
 def tiny_flux_converter(monkeypatch):
-    """diffusers' Flux converter hard-codes FLUX.1's width (3072); the tiny model's is 32."""
+    """diffusers' Flux and Chroma converters hard-code FLUX.1's width (3072); the tiny models' is 32."""
     from diffusers.loaders import single_file_model
 
-    mapping = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
-    mapping["checkpoint_mapping_fn"] = _flux_converter_for_width(32)
-    monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", mapping)
+    for name, converter in (
+        ("FluxTransformer2DModel", _flux_converter_for_width(32)),
+        ("ChromaTransformer2DModel", _chroma_converter_for_width(32)),
+    ):
+        mapping = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES[name])
+        mapping["checkpoint_mapping_fn"] = converter
+        monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, name, mapping)
 
 
 @pytest.mark.parametrize("family", SINGLE_FILE_FAMILIES)
@@ -69,7 +73,17 @@ def test_a_unet_only_file_is_told_apart_by_its_proj_in(family, proj_in_ndim):
     assert detect_single_file_family({"double_blocks.0.img_attn.qkv.weight"}) == "flux"
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3", "flux"])
+def test_flux_relatives_are_told_apart_from_flux():
+    """Chroma and Flux.2 files hold Flux's double_blocks.0.img_attn.qkv.weight too."""
+    flux = {"double_blocks.0.img_attn.qkv.weight", "img_in.weight"}
+    assert detect_single_file_family(flux | {"distilled_guidance_layer.in_proj.weight"}) == "chroma"
+    flux2 = flux | {"single_stream_modulation.lin.weight"}
+    assert detect_single_file_family(flux2) == "flux2_klein"
+    assert detect_single_file_family(flux2 | {"guidance_in.in_layer.weight"}) == "flux2"
+    assert detect_single_file_family({f"model.diffusion_model.{k}" for k in flux2}) == "flux2_klein"
+
+
+@pytest.mark.parametrize("family", SINGLE_FILE_FAMILIES)
 def test_loading_gives_the_single_files_weights(family, tmp_path, config_folders, tiny_flux_converter):
     path = tmp_path / "model.safetensors"
     source = write_single_file(family, path, seed=1, marker=family == "sd2")

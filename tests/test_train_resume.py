@@ -4,10 +4,12 @@ with encoding every step; and prior preservation generating its class images onc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from family_sets import ALL_FAMILIES
 from PIL import Image
 from train_support import PROMPT, native_adapter, run_main, saved_hf_dataset, tiny_run_argv, train
 
@@ -116,6 +118,31 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, monkeypatc
     assert any(t.abs().max() > 0 for k, t in expected.items() if "lora_B" in k), "nothing was trained"
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert not different, f"{len(different)} tensors differ, first {different[0]}"
+
+
+def _train_straight_and_split(family: str, tmp_path, flags: list[str]) -> tuple[Path, Path]:
+    """4 steps in one run, and 2 steps, stop (checkpoint-2), then resume to 4."""
+    whole = train(family, tmp_path / "whole", *flags, "--max_train_steps", "4", "--checkpointing_steps", "10")
+    split = train(family, tmp_path / "split", *flags, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    first_log = read_train_log(split / "logs" / "train_log.jsonl")
+    resume = ["--max_train_steps", "4", "--checkpointing_steps", "10", "--resume_from_checkpoint", "latest"]
+    train(family, split, *flags, *resume)
+    log = read_train_log(split / "logs" / "train_log.jsonl")
+    # A resumed run keeps the first run's lines as written; a fresh 4-step run would have rewritten them.
+    assert log[:2] == first_log and [row["step"] for row in log] == [1, 2, 3, 4]
+    return whole, split
+
+
+# Every family but sd15, whose resume is tested above with more randomness (buckets, repeats, reg images).
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "sd15"])
+def test_every_family_resumes_bit_for_bit(family, tmp_path):
+    flags = ["--lora_dropout", "0.1", "--random_flip", "--num_validation_images", "0"]
+    whole, split = _train_straight_and_split(family, tmp_path, flags)
+    expected, resumed = native_adapter(whole), native_adapter(split)
+    assert expected.keys() == resumed.keys()
+    assert any(t.abs().max() > 0 for k, t in expected.items() if "lora_B" in k), "nothing was trained"
+    different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
+    assert not different, f"{family}: {len(different)} tensors differ, first {different[0]}"
 
 
 def test_cached_latents_train_like_encoding_every_step(tmp_path):
