@@ -26,7 +26,7 @@ COMFYUI_DENOISER_PREFIX = "diffusion_model."
 # The one key-renaming table: the suffix of each factor in each layout (A: down, B: up, M: mixer).
 FACTOR_SUFFIXES: dict[str, dict[str, str]] = {
     "native": {"A": ".lora_A.weight", "M": ".lora_mixer.weight", "B": ".lora_B.weight"},
-    # alpha: some trainers write a per-module "<module>.alpha" beside PEFT keys (scale alpha / r, as diffusers reads it).
+    # alpha: some trainers write "<module>.alpha" beside PEFT keys (scale alpha / r, as diffusers reads it).
     "diffusers": {"A": ".lora_A.weight", "B": ".lora_B.weight", "alpha": ".alpha"},
     "kohya": {"A": ".lora_down.weight", "B": ".lora_up.weight", "alpha": ".alpha"},
 }
