@@ -21,7 +21,7 @@ from moslora_diffusion.families import get_family
 from moslora_diffusion.formats import read_adapter_file
 from moslora_diffusion.formats.sd_scripts import split_fused
 from moslora_diffusion.formats.sgm_names import sgm_module_names
-from moslora_diffusion.loaders import adapter_state_from_pipeline, fit_adapter_to_models
+from moslora_diffusion.loaders import adapter_state_from_pipeline, canonical_module_path, fit_adapter_to_models
 from moslora_diffusion.merge import merge_adapters
 from moslora_diffusion.testing import make_tiny_pipeline
 from moslora_diffusion.training.init_lora import add_init_lora, read_init_lora
@@ -30,11 +30,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _adapted(family: str, preset: str = "attention+ff"):
+    """The adapter of a tiny ``family`` pipeline: MoSLoRA on the denoiser (``preset``) and every text encoder."""
     pipe = make_tiny_pipeline(family)
-    denoiser = getattr(pipe, get_family(family).denoiser)
-    add_moslora(denoiser, MoSLoRAConfig(r=4, lora_alpha=8, target_modules=preset))
-    randomize_adapter(denoiser, "default", seed=1)
+    spec = get_family(family)
+    add_moslora(getattr(pipe, spec.denoiser), MoSLoRAConfig(r=4, lora_alpha=8, target_modules=preset))
+    randomize_adapter(getattr(pipe, spec.denoiser), "default", seed=1)
+    for seed, component in enumerate(spec.text_encoders, start=2):
+        add_moslora(getattr(pipe, component), MoSLoRAConfig(r=2, lora_alpha=3))
+        randomize_adapter(getattr(pipe, component), "default", seed=seed)
     return adapter_state_from_pipeline(pipe)
+
+
+def _denoiser_only(want: dict, family: str) -> dict:
+    denoiser = get_family(family).denoiser + "."
+    return {key: delta for key, delta in want.items() if key.startswith(denoiser)}
 
 
 def _alpha(index: int) -> float:
@@ -44,10 +53,14 @@ def _alpha(index: int) -> float:
 
 def _peft_file_with_alphas(family: str, prefix: str | None = None):
     """(tensors, {component.path: the file's delta}) of a PEFT-keyed file with a per-module alpha. ``prefix``
-    replaces the denoiser's ``<component>.`` (PEFT's own ``base_model.model.``)."""
+    replaces the denoiser's ``<component>.`` (PEFT's own ``base_model.model.``; the file then holds the
+    denoiser only, as PEFT saves one wrapped model)."""
     state = _adapted(family)
     tensors, want = {}, {}
-    for index, (component, path, layer) in enumerate(sorted(state.layer_items(), key=lambda item: item[1])):
+    layers = sorted(state.layer_items(), key=lambda item: item[:2])
+    if prefix:
+        layers = [item for item in layers if item[0] == get_family(family).denoiser]
+    for index, (component, path, layer) in enumerate(layers):
         module = f"{prefix or component + '.'}{path}"
         down, up, alpha = layer.lora_A, layer.folded_lora_b(), _alpha(index)
         tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = down, up
@@ -81,15 +94,18 @@ def _fitted(path, family: str) -> dict[str, torch.Tensor]:
 
 def _merged_deltas(path, family: str) -> dict[str, torch.Tensor]:
     """component.path -> merged weight - base weight, for each adapted module of the merge (an fp32
-    difference of weights: compare with atol=MERGE_ATOL)."""
-    denoiser = get_family(family).denoiser
-    base = getattr(make_tiny_pipeline(family), denoiser).state_dict()
-    merged = getattr(merge_adapters(make_tiny_pipeline(family), [(path, 1.0)]), denoiser).state_dict()
-    return {
-        f"{denoiser}.{key.removesuffix('.weight')}": merged[key].double() - base[key].double()
-        for key in base
-        if key.endswith(".weight") and not torch.equal(merged[key], base[key])
-    }
+    difference of weights: compare with atol=MERGE_ATOL). Module paths are the files' (CLIP with text_model.)."""
+    base_pipe = make_tiny_pipeline(family)
+    merged_pipe = merge_adapters(make_tiny_pipeline(family), [(path, 1.0)])
+    deltas = {}
+    for component in get_family(family).adapter_components():
+        base, merged = getattr(base_pipe, component), getattr(merged_pipe, component)
+        merged_weights = merged.state_dict()
+        for key, weight in base.state_dict().items():
+            if key.endswith(".weight") and not torch.equal(merged_weights[key], weight):
+                path_in_file = canonical_module_path(base, key.removesuffix(".weight"))
+                deltas[f"{component}.{path_in_file}"] = merged_weights[key].double() - weight.double()
+    return deltas
 
 
 MERGE_ATOL = 1e-6  # fp32 rounding of base weights of size ~1
@@ -132,7 +148,7 @@ def test_merge_and_init_lora_take_the_per_module_alphas(family, tmp_path):
     tensors, want = _peft_file_with_alphas(family)
     save_file(tensors, tmp_path / "lora.safetensors")
     _assert_same(_merged_deltas(tmp_path / "lora.safetensors", family), want, MERGE_ATOL)
-    _assert_same(_init_lora_deltas(tmp_path / "lora.safetensors", family), want)
+    _assert_same(_init_lora_deltas(tmp_path / "lora.safetensors", family), _denoiser_only(want, family))
 
 
 def test_inspect_reads_a_peft_file_with_alphas(tmp_path, capsys):
@@ -166,20 +182,41 @@ def test_alphas_that_disagree_with_the_files_metadata_are_refused(tmp_path):
 # ComfyUI's diffusion_model.<original name> keys
 
 
+# ComfyUI's state-dict name of each text encoder, as its LoRA saver writes it after "text_encoders.".
+COMFYUI_TEXT_ENCODERS = {
+    "sd15": {"text_encoder": "clip_l"},
+    "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+}
+FACTOR_NAMES = {"kohya": (".lora_down.weight", ".lora_up.weight"), "peft": (".lora_A.weight", ".lora_B.weight")}
+
+
+def _put(tensors: dict, want: dict, module: str, key: str, down, up, alpha: float, suffixes: str) -> None:
+    down_suffix, up_suffix = FACTOR_NAMES[suffixes]
+    tensors[module + down_suffix], tensors[module + up_suffix] = down, up
+    tensors[module + ".alpha"] = torch.tensor(alpha)
+    want[key] = _file_delta(down, up, alpha)
+
+
+def _comfyui_text_encoder_keys(state, family: str, suffixes: str, tensors: dict, want: dict) -> None:
+    """Each text encoder's layers under text_encoders.<clip_l / clip_g / t5xxl>.transformer.<module>."""
+    for component, name in COMFYUI_TEXT_ENCODERS[family].items():
+        for index, (path, layer) in enumerate(sorted(state.components[component].layers.items())):
+            module = f"text_encoders.{name}.transformer.{path}"
+            down, up = layer.lora_A, layer.folded_lora_b()
+            _put(tensors, want, module, f"{component}.{path}", down, up, _alpha(index + 1), suffixes)
+
+
 def _comfyui_unet_file(family: str, suffixes: str):
-    """(tensors, want) of a UNet LoRA under diffusion_model.<SGM name>, per-module alphas."""
+    """(tensors, want) of a LoRA under diffusion_model.<SGM name> and text_encoders.*, per-module alphas."""
     state = _adapted(family)
     pipe_unet = make_tiny_pipeline(family).unet
     sgm_of = {path: sgm for sgm, path in sgm_module_names(pipe_unet.config, state.components["unet"].layers).items()}
-    names = {"kohya": (".lora_down.weight", ".lora_up.weight"), "peft": (".lora_A.weight", ".lora_B.weight")}
-    down_suffix, up_suffix = names[suffixes]
     tensors, want = {}, {}
     for index, (path, layer) in enumerate(sorted(state.components["unet"].layers.items())):
         module = f"diffusion_model.{sgm_of[path]}"
-        down, up, alpha = layer.lora_A, layer.folded_lora_b(), _alpha(index)
-        tensors[module + down_suffix], tensors[module + up_suffix] = down, up
-        tensors[module + ".alpha"] = torch.tensor(alpha)
-        want[f"unet.{path}"] = _file_delta(down, up, alpha)
+        _put(tensors, want, module, f"unet.{path}", layer.lora_A, layer.folded_lora_b(), _alpha(index), suffixes)
+    _comfyui_text_encoder_keys(state, family, suffixes, tensors, want)
     return tensors, want
 
 
@@ -203,6 +240,7 @@ def _comfyui_flux_file():
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
         for part, factors in split_fused(module, down, up, alpha).items():
             want[f"transformer.{part}"] = factors.scale * (factors.lora_B.double() @ factors.lora_A.double())
+    _comfyui_text_encoder_keys(state, "flux", "peft", tensors, want)
     return tensors, want
 
 
@@ -228,7 +266,7 @@ def test_merge_and_init_lora_take_comfyui_dotted_keys(family, suffixes, tmp_path
     tensors, want = _comfyui_file(family, suffixes)
     save_file(tensors, tmp_path / "lora.safetensors")
     _assert_same(_merged_deltas(tmp_path / "lora.safetensors", family), want, MERGE_ATOL)
-    _assert_same(_init_lora_deltas(tmp_path / "lora.safetensors", family), want)
+    _assert_same(_init_lora_deltas(tmp_path / "lora.safetensors", family), _denoiser_only(want, family))
 
 
 def test_inspect_fits_a_comfyui_file_to_an_sdxl_folder(tmp_path, capsys):
@@ -247,7 +285,7 @@ def test_inspect_fits_a_comfyui_file_to_an_sdxl_folder(tmp_path, capsys):
     [
         ("diffusion_model.double_blocks.0.img_attn.norm.lora_A.weight", "names no flux module"),
         ("diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight", "names no module of Stability's UNet"),
-        ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_A.weight", "text-encoder keys"),
+        ("text_encoders.clip_x.transformer.text_model.encoder.layers.0.mlp.fc1.lora_A.weight", "not a ComfyUI"),
     ],
 )
 def test_an_unknown_comfyui_name_is_one_line_naming_it(key, expected, tmp_path, capsys):
