@@ -305,3 +305,31 @@ def test_an_unknown_sgm_name_is_refused_naming_the_files_key_when_fitted(tmp_pat
     save_file(tensors, tmp_path / "lora.safetensors")
     with pytest.raises(ValueError, match=f"'{module}.lora_down.weight' names no module"):
         _fitted(tmp_path / "lora.safetensors", "sdxl")
+
+
+def test_moslora_merge_bakes_a_peft_file_with_alphas_into_a_base_folder(tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from moslora_diffusion.testing import save_tiny_pipeline
+
+    tensors, want = _peft_file_with_alphas("sd15")
+    save_file(tensors, tmp_path / "lora.safetensors")
+    base = save_tiny_pipeline("sd15", tmp_path / "base")
+    argv = [
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(tmp_path / "lora.safetensors"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    before = UNet2DConditionModel.from_pretrained(base / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
+    got = {
+        f"unet.{key.removesuffix('.weight')}": after[key].double() - weight.double()
+        for key, weight in before.items()
+        if not torch.equal(after[key], weight)
+    }
+    _assert_same(got, _denoiser_only(want, "sd15"), MERGE_ATOL)
