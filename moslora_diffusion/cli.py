@@ -213,7 +213,7 @@ def _run_resize(args: argparse.Namespace) -> int:
         raise ValueError(f"--output_dir {output_dir}: is the adapter's own folder; write the resized adapter elsewhere")
     resized, report = resize_adapter(state, args.rank)
     # A file read in another trainer's layout is written in ours of the same kind (sd-scripts' is our kohya file's).
-    same_kind = {"sd_scripts": "kohya"}.get(state.source_format, state.source_format)
+    same_kind = {"sd_scripts": "kohya", "comfyui": "kohya"}.get(state.source_format, state.source_format)
     layouts = FORMATS if state.source_format in ("native", "checkpoint") else (same_kind,)
     paths = write_adapter_files(resized, output_dir, layouts, title=args.title, overwrite=args.overwrite)
     if args.json:

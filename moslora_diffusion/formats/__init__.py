@@ -8,6 +8,7 @@ One adapted module holds delta W = s * B M A. Each layout is one module that kno
     kohya           (kohya.py)           kohya key renaming: lora_down = A, lora_up = B M, one alpha per
                                          component; webui's ss_* card. OneTrainer's layout for SD3/Flux
     sd-scripts      (sd_scripts.py)      Flux / SD3 under the original model's names, q/k/v fused
+    ComfyUI         (comfyui.py)         read only: diffusion_model.<original name>, text_encoders.<clip_l, ...>
     the diffusers file (diffusers_file.py)  what pytorch_lora_weights.safetensors holds per family
 
 and around them: state.py (the adapter in memory), names.py (the one key-suffix table, metadata keys),

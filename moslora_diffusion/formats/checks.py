@@ -15,7 +15,7 @@ import torch
 
 from ..config import MIXER_INITS
 from ..families import FAMILIES
-from .names import FACTOR_SUFFIXES, NATIVE_HEADER_KEY, split_factor
+from .names import COMFYUI_DENOISER_PREFIX, FACTOR_SUFFIXES, NATIVE_HEADER_KEY, split_factor
 from .state import LayerFactors, config_rank
 
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -108,12 +108,16 @@ def has_only_adapter_keys(tensors: dict[str, torch.Tensor]) -> bool:
 def detect_format(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike | None = None
 ) -> str:
-    """ "native", "diffusers", "kohya" or "sd_scripts" (Flux/SD3 original names), from the keys and metadata."""
+    """ "native", "diffusers", "kohya", "sd_scripts" (Flux/SD3 original names) or "comfyui" (ComfyUI's
+    ``diffusion_model.<original name>`` keys), from the keys and metadata."""
     where = f"{path}: " if path is not None else ""
     if NATIVE_HEADER_KEY in (metadata or {}) or any(k.endswith(FACTOR_SUFFIXES["native"]["M"]) for k in tensors):
         return "native"
-    kohya = [k for k in tensors if k.endswith(tuple(FACTOR_SUFFIXES["kohya"].values()))]
-    peft = [k for k in tensors if k.endswith(tuple(FACTOR_SUFFIXES["diffusers"].values()))]
+    if any(k.startswith(COMFYUI_DENOISER_PREFIX) for k in tensors):
+        return "comfyui"
+    # ".alpha" is both layouts' suffix: the A and B keys tell them apart.
+    kohya = [k for k in tensors if k.endswith((FACTOR_SUFFIXES["kohya"]["A"], FACTOR_SUFFIXES["kohya"]["B"]))]
+    peft = [k for k in tensors if k.endswith((FACTOR_SUFFIXES["diffusers"]["A"], FACTOR_SUFFIXES["diffusers"]["B"]))]
     if kohya and peft:
         raise ValueError(f"{where}mixes kohya keys ({kohya[0]!r}) and diffusers keys ({peft[0]!r})")
     if kohya:

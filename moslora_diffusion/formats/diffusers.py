@@ -81,20 +81,75 @@ def t5_keys_from_comfyui(tensors: dict[str, torch.Tensor], family: str | None, p
     return {renamed.get(k, k): v for k, v in tensors.items()}
 
 
+# PEFT's own save of a model it wraps: "base_model.model.<module path>", the component left unnamed.
+PEFT_MODEL_PREFIX = "base_model.model."
+# A UNet2DConditionModel's top-level modules; any other denoiser of ours is a "transformer".
+_UNET_TOP_MODULES = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in",
+    "conv_out",
+    "time_embedding.",
+    "add_embedding.",
+)
+
+
+def with_component_named(module: str, key: str, path) -> str:
+    """``module`` of a PEFT model's own save (``base_model.model.<path>``) under its denoiser's component
+    name (unet or transformer: a text encoder's cannot be told apart); other modules unchanged."""
+    if not module.startswith(PEFT_MODEL_PREFIX):
+        return module
+    rest = module.removeprefix(PEFT_MODEL_PREFIX)
+    if rest.startswith(("text_model.", "encoder.", "shared.")):
+        raise ValueError(
+            f"{path}: {key!r} is a text encoder's module under PEFT's {PEFT_MODEL_PREFIX!r}, which does not say "
+            "which text encoder; rename its keys to text_encoder.<module> (or text_encoder_2, ...)"
+        )
+    return ("unet." if rest.startswith(_UNET_TOP_MODULES) else "transformer.") + rest
+
+
+def per_module_alphas(modules: dict[str, dict], path) -> dict[str, float]:
+    """module -> alpha of the modules that carry a ``.alpha`` tensor: all of them, or none.
+
+    A module with no alpha beside others that have one is refused: diffusers then gives it the most
+    common alpha, ComfyUI alpha = r, so no one reading is right.
+    """
+    alphas = {m: float(f["alpha"][1].item()) for m, f in modules.items() if "alpha" in f}
+    if alphas and len(alphas) != len(modules):
+        first = next(f["A"][0] for m, f in sorted(modules.items()) if m not in alphas)
+        raise ValueError(
+            f"{path}: {first!r} has no .alpha beside it, but {len(alphas)} other modules have one; clients "
+            "disagree on the scale of such a module (diffusers: the most common alpha, ComfyUI: alpha = r)"
+        )
+    return alphas
+
+
 def parse_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> AdapterState:
     """The AdapterState of a folded file; without metadata, alpha = r (diffusers' own convention).
-    T5 under ComfyUI's key (our SD3/Flux diffusers file) is read with scale 1, as ComfyUI reads it."""
+    T5 under ComfyUI's key (our SD3/Flux diffusers file) is read with scale 1, as ComfyUI reads it.
+
+    Per-module ``<module>.alpha`` tensors (other trainers' PEFT-keyed files) give each module its own
+    scale alpha / r, as diffusers and ComfyUI read them; a file that also has metadata must agree with them.
+    """
     family = checked_family(metadata.get("moslora.family"), path)
     tensors = t5_keys_from_comfyui(tensors, family, path)
     lora_metadata = {}
     if DIFFUSERS_METADATA_KEY in metadata:
         lora_metadata = json_metadata(metadata, DIFFUSERS_METADATA_KEY, path)
+    modules = group_modules(tensors, "diffusers", path)
+    alphas = per_module_alphas(modules, path)
     layers_by_component: dict[str, dict[str, LayerFactors]] = {}
-    for module, factors in group_modules(tensors, "diffusers", path).items():
+    for module, factors in modules.items():
         key_a = factors["A"][0]
-        component, module_path = split_component(module, key_a, path, ADAPTER_COMPONENTS)
-        # Scale 1 until the config is known (diffusers' convention when a file has no metadata: alpha = r).
-        layer = LayerFactors(factors["A"][1], factors["B"][1], None, 1.0, key_a)
+        named = with_component_named(module, key_a, path)
+        component, module_path = split_component(named, key_a, path, ADAPTER_COMPONENTS)
+        # Without alphas: scale 1 until the config is known (diffusers' convention without metadata: alpha = r).
+        rank = factors["A"][1].shape[0]
+        scale = alphas[module] / rank if alphas else 1.0
+        layer = LayerFactors(factors["A"][1], factors["B"][1], None, scale, key_a)
+        if module_path in layers_by_component.get(component, {}):
+            raise ValueError(f"{path}: {key_a!r} names the same module as another key ({component}.{module_path})")
         layers_by_component.setdefault(component, {})[module_path] = layer
     components = {}
     for component, layers in layers_by_component.items():
@@ -113,12 +168,19 @@ def parse_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], 
             config["use_moslora"], config["mixer_init"], config["train_mixer"] = False, None, None
             check_component_config(config, component, path)
             check_ranks_match_config(layers, config, path)
-        else:
+        elif not alphas:
             config["lora_alpha"] = config["r"]
             config["alpha_pattern"] = {
                 without_clip_root(p): layer.rank for p, layer in layers.items() if layer.rank != config["r"]
             }
         for module_path, layer in layers.items():
-            layer.scale = config_scale(config, module_path)
+            scale = config_scale(config, module_path)
+            if alphas and fields and not math.isclose(scale, layer.scale, rel_tol=1e-6):
+                raise ValueError(
+                    f"{path}: {layer.source_key!r}: its .alpha gives scale {layer.scale:g}, the file's metadata "
+                    f"{DIFFUSERS_METADATA_KEY!r} {scale:g}; clients read one or the other"
+                )
+            if not alphas:
+                layer.scale = scale
         components[component] = ComponentAdapter(config, layers)
     return AdapterState(components, family, metadata.get("moslora.base_model"))

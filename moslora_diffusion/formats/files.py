@@ -8,7 +8,8 @@
     pytorch_lora_weights_onetrainer.safetensors   OneTrainer's (``moslora export --layout onetrainer`` only)
 
 Reading takes any of these, and other trainers' files in the same layouts (diffusers/PEFT keys as
-ai-toolkit writes them, kohya keys with SGM block names, sd-scripts' Flux and SD3 files).
+ai-toolkit writes them, with or without per-module ``.alpha``; kohya keys with SGM block names; sd-scripts'
+Flux and SD3 files; ComfyUI's ``diffusion_model.`` keys, :mod:`.comfyui`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..families import get_family
 from ..fileio import load_safetensors, save_safetensors
 from .checkpoint import read_training_checkpoint, training_checkpoint_folder
 from .checks import detect_format, validate_adapter_state_dict
+from .comfyui import parse_comfyui
 from .diffusers import parse_diffusers
 from .diffusers_file import diffusers_file_state_dict
 from .kohya import kohya_state_dict, parse_kohya
@@ -43,7 +45,13 @@ ONETRAINER_WEIGHT_NAME = "pytorch_lora_weights_onetrainer.safetensors"
 WEIGHT_NAMES = {"native": NATIVE_WEIGHT_NAME, "diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": KOHYA_WEIGHT_NAME}
 LAYOUT_WEIGHT_NAMES = {**WEIGHT_NAMES, "onetrainer": ONETRAINER_WEIGHT_NAME}
 
-_PARSERS = {"native": parse_native, "diffusers": parse_diffusers, "kohya": parse_kohya, "sd_scripts": parse_sd_scripts}
+_PARSERS = {
+    "native": parse_native,
+    "diffusers": parse_diffusers,
+    "kohya": parse_kohya,
+    "sd_scripts": parse_sd_scripts,
+    "comfyui": parse_comfyui,
+}
 
 
 def find_adapter_file(path_or_dir: str | os.PathLike, weight_name: str | None = None, prefer: str = "native") -> Path:

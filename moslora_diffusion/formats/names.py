@@ -20,11 +20,14 @@ NATIVE_HEADER_KEY = "moslora"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 # ComfyUI's generic text-encoder LoRA key for T5: "text_encoders.t5xxl." + its own state-dict name of the weight.
 COMFYUI_T5_PREFIX = "text_encoders.t5xxl.transformer."
+# ComfyUI's own LoRA keys for the denoiser: "diffusion_model." + the original model's module name (SGM UNet, BFL Flux).
+COMFYUI_DENOISER_PREFIX = "diffusion_model."
 
 # The one key-renaming table: the suffix of each factor in each layout (A: down, B: up, M: mixer).
 FACTOR_SUFFIXES: dict[str, dict[str, str]] = {
     "native": {"A": ".lora_A.weight", "M": ".lora_mixer.weight", "B": ".lora_B.weight"},
-    "diffusers": {"A": ".lora_A.weight", "B": ".lora_B.weight"},
+    # alpha: some trainers write "<module>.alpha" beside PEFT keys (scale alpha / r, as diffusers reads it).
+    "diffusers": {"A": ".lora_A.weight", "B": ".lora_B.weight", "alpha": ".alpha"},
     "kohya": {"A": ".lora_down.weight", "B": ".lora_up.weight", "alpha": ".alpha"},
 }
 # Longest first, so ".lora_mixer.weight" is never mistaken for a shorter suffix.
