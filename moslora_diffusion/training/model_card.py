@@ -64,6 +64,11 @@ class ModelCard:
             "The mixer M of delta W = s * B M A is folded into B for the plain LoRA files below, so they load in any "
             "tool that reads LoRA, with the same outputs as the MoSLoRA model.",
             "",
+            "What to expect from the mixer: on moslora-diffusion's measured sweep (ranks 2-32; kaiming, orthogonal "
+            "and identity mixers; mixer learning rate 0.1x and 1x; LoRA+), no MoSLoRA setting was significantly better "
+            "or worse than plain LoRA of the same rank on any metric after correction for multiple comparisons: "
+            "treat MoSLoRA as a drop-in for LoRA at the same cost, not as an upgrade.",
+            "",
             "## Files",
             "",
             "| file | what it is |",
