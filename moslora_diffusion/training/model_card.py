@@ -65,9 +65,9 @@ class ModelCard:
             "tool that reads LoRA, with the same outputs as the MoSLoRA model.",
             "",
             "What to expect from the mixer: on moslora-diffusion's measured sweep (ranks 2-32; kaiming, orthogonal "
-            "and identity mixers; mixer learning rate 0.1x and 1x; LoRA+), no MoSLoRA setting was significantly better "
-            "or worse than plain LoRA of the same rank on any metric after correction for multiple comparisons: "
-            "treat MoSLoRA as a drop-in for LoRA at the same cost, not as an upgrade.",
+            "and identity mixers; mixer learning rate 0.1x and 1x; LoRA+), no MoSLoRA setting beat plain LoRA of the "
+            "same rank on any metric after correction for multiple comparisons: treat MoSLoRA as a drop-in for "
+            "LoRA at the same cost, not as an upgrade.",
             "",
             "## Files",
             "",
