@@ -627,7 +627,8 @@ def sweep_table(results: dict, args, base_figures: dict, all_comparisons: dict) 
                 if p is not None:
                     text += f" (p {p[0]:.3f}, Holm {p[1]:.2f})"
                 cells.append(text)
-            lines.append(f"| {rank} | {method} | " + " | ".join(cells) + " |")
+            seeds = "" if len(results[cell]) == args.seeds else f" ({len(results[cell])} seeds)"
+            lines.append(f"| {rank} | {method}{seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
