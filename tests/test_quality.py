@@ -101,21 +101,26 @@ def test_a_win_needs_a_corrected_p_below_005_in_moslora_s_favour():
 
 
 def test_quick_sweep_writes_its_table_log_and_figure(tmp_path):
-    """Two ranks of LoRA and MoSLoRA, a few steps each: the table, the per-run log --resume reads, the figure."""
-    argv = ["--sweep", "--quick", "--ranks", "2,4", "--methods", "lora,moslora", "--captions",
-            "--no_prior_preservation", "--output_dir", str(tmp_path), "--threads", "2"]  # fmt: skip
+    """LoRA and MoSLoRA at one rank, a few steps each: the table, the per-run log --resume reads, the figure."""
+    argv = ["--sweep", "--quick", "--cells", "lora@2,moslora@2", "--captions", "--no_prior_preservation",
+            "--output_dir", str(tmp_path), "--threads", "2"]  # fmt: skip
     assert quality.main(argv) == 0
     report = json.loads((tmp_path / "sweep.json").read_text())
-    assert sorted((r["method"], r["rank"]) for r in report["runs"]) == [
-        ("lora", 2), ("lora", 4), ("moslora", 2), ("moslora", 4)
-    ]  # fmt: skip
-    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 4
+    assert sorted((r["method"], r["rank"]) for r in report["runs"]) == [("lora", 2), ("moslora", 2)]
+    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "subject_captioned" / "cross_0.txt").read_text().strip() == (
         "a photo of sks shape on a white background"
     )
     text = (tmp_path / "sweep.md").read_text()
-    assert "| 2 | moslora |" in text and "| 4 | lora |" in text and "Holm" in text
+    assert "| 2 | moslora |" in text and "| 2 | lora |" in text and "Holm" in text
     assert (tmp_path / "sweep.png").stat().st_size > 0
     # --resume: every run is already in the log, so nothing trains and the same table is written again.
     assert quality.main([*argv, "--resume"]) == 0
-    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "sweep.md").read_text().split("\n")[2:] == text.split("\n")[2:]  # the first line has the time
+
+
+def test_a_sweep_without_plain_lora_at_a_rank_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--sweep", "--cells", "moslora@8"])
+    assert "--cells needs lora@RANK at each rank" in capsys.readouterr().err
