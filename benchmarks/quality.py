@@ -504,8 +504,12 @@ def protocol(args, minutes: float) -> str:
     return (
         f"DreamBooth on {Path(args.base).name}, {captions}: {args.steps} steps, batch {args.batch_size} ({batch}), "
         f"lr {args.learning_rate}, {args.seeds} seed(s), {args.images} images per subject prompt, "
-        f"{args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; {minutes:.1f} min with {args.jobs} job(s) of "
-        f"{args.threads} thread(s)"
+        f"{args.sampling_steps} DDIM steps, CFG {args.guidance_scale}; "
+        + (
+            "tabulated from the run log (--report_only)"
+            if getattr(args, "report_only", False)
+            else f"{minutes:.1f} min with {args.jobs} job(s) of {args.threads} thread(s)"
+        )
     )
 
 
@@ -526,7 +530,8 @@ def main(argv=None) -> int:
     pipe = load_base(args.base)
     base_figures, base_samples = score(pipe, 0, args)
     print(f"base: {base_figures}", flush=True)
-    ensure_class_images(pipe, class_dir, args)
+    if not args.no_prior_preservation:
+        ensure_class_images(pipe, class_dir, args)
     del pipe
     if args.sweep:
         return sweep(args, out, runs_dir, class_dir, base_figures, started)
@@ -646,7 +651,11 @@ def draw_sweep(path: Path, results: dict, args) -> None:
     for k, metric in enumerate(METRICS):
         x0 = k * W
         means = {
-            m: [(q, mean_spread([r[metric] for r in results[(m, q)]])[0]) for q in args.ranks if (m, q) in results]
+            m: [
+                (q, mean_spread([r[metric] for r in results[(m, q)]])[0])
+                for q in args.ranks
+                if (m, q) in args.cells and (m, q) in results
+            ]
             for m in args.methods
         }
         values = [v for ys in means.values() for _, v in ys if not math.isnan(v)]
@@ -764,7 +773,12 @@ def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
                 args={k: repo_relative(v) for k, v in vars(args).items()},
                 base=base_figures,
                 minutes=round(minutes, 1),
-                runs=[dict(method=m, rank=r, **x) for (m, r), runs in results.items() for x in runs],
+                runs=[
+                    dict(method=m, rank=r, **x)
+                    for (m, r), runs in results.items()
+                    if (m, r) in args.cells
+                    for x in runs
+                ],
                 comparisons=[
                     dict(rank=r, metric=metric, setting=cell[0], p=p, holm=q)
                     for r, by_metric in comparisons.items()
