@@ -530,6 +530,7 @@ class Chroma(Family):
     name = "chroma"
     pipeline_class = "ChromaPipeline"
     denoiser = "transformer"
+    gguf_denoiser = True  # city96's Chroma GGUF conversions
     text_encoders = ("text_encoder",)
     t5_text_encoder = "text_encoder"
     # ComfyUI's Chroma subclasses its Flux model, whose LoRA map reads OneTrainer's lora_transformer_ names;
@@ -611,6 +612,7 @@ class ZImage(Family):
     name = "zimage"
     pipeline_class = "ZImagePipeline"
     denoiser = "transformer"
+    gguf_denoiser = True  # Z-Image GGUF conversions
     text_encoders = ("text_encoder",)
     llm_text_encoder = "text_encoder"
     llm_tokenizer = "tokenizer"
@@ -655,6 +657,7 @@ class QwenImage(Family):
     name = "qwenimage"
     pipeline_class = "QwenImagePipeline"
     denoiser = "transformer"
+    gguf_denoiser = True  # city96's Qwen-Image GGUF conversions
     text_encoders = ("text_encoder",)
     llm_text_encoder = "text_encoder"
     llm_tokenizer = "tokenizer"
@@ -754,6 +757,7 @@ class _Flux2Base(Family):
     """
 
     denoiser = "transformer"
+    gguf_denoiser = True  # Flux.2 GGUF conversions
     text_encoders = ("text_encoder",)
     llm_text_encoder = "text_encoder"
     llm_tokenizer = "tokenizer"

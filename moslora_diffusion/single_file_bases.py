@@ -83,7 +83,7 @@ def _check_safetensors(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: pickled checkpoints can run code when loaded; convert it to .safetensors first")
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint (or a .gguf Flux or SD3 transformer)")
+        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint (or a .gguf transformer)")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
 

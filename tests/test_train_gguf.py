@@ -5,6 +5,8 @@ and done into its full-precision twin, bad files one line and exit status 2."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,9 @@ from family_sets import GGUF_FAMILIES
 from PIL import Image
 from safetensors.torch import load_file
 from test_merge import merge_main
-from test_single_file_bases import write_single_file
+from test_single_file_bases import tiny_flux_converter, write_single_file  # noqa: F401  (fixture: Flux and Chroma widths)
 from test_train_args import _bad_input
-from test_train_single_file import _validation_image, tiny_flux_converter  # noqa: F401  (fixture)
+from test_train_single_file import _validation_image
 from train_support import tiny_run_argv, train
 
 from moslora_diffusion import MoSLoRAConfig, add_moslora
@@ -23,6 +25,8 @@ from moslora_diffusion.layer import moslora_layers
 from moslora_diffusion.single_file import single_file_components, to_original_state_dict
 from moslora_diffusion.single_file_bases import load_single_file_components, read_single_file_family
 from moslora_diffusion.testing import make_tiny_pipeline
+from moslora_diffusion.training.quantization import BaseQuantization, is_quantized
+from moslora_diffusion.training.run_inputs import parse_run
 
 gguf = pytest.importorskip("gguf")
 from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor  # noqa: E402  (needs gguf)
@@ -209,7 +213,7 @@ BAD_GGUF = {
     "not GGUF": (lambda t: (_not_gguf(t), []), "not a readable GGUF file"),
     "unknown family": (lambda t: (_language_model(t), []), "match no known family"),
     "a UNet family": (lambda t: (_unet(t), []), "a GGUF sdxl model; GGUF bases are read for transformers only"),
-    "--quantize_base": (_quantized_twice, "is a GGUF file, quantized already; leave --quantize_base"),
+    "--quantize_base": (_quantized_twice, "is a GGUF file, quantized already; leave --quantize_base out (or add"),
     ".GGUF": (_upper_case_suffix, "rename it to end in .gguf (lower case)"),
 }
 
@@ -227,6 +231,31 @@ def test_bad_gguf_bases_are_one_line_exit_2(case, tmp_path, capsys):
     )
     capsys.readouterr()
     _bad_input(capsys, argv, expected, out)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_quantize_text_encoders_over_a_gguf_base_quantizes_the_text_encoders_only(tmp_path):
+    """Flux as people run it on 12-16 GB: the transformer a GGUF, T5 (and CLIP) int8, the VAE full precision."""
+    path, config_dir, _ = write_gguf_base("flux", tmp_path)
+    argv = ["--quantize_base", "int8", "--quantize_text_encoders"]
+    _, inputs = parse_run(tiny_run_argv("flux", tmp_path / "unused", *_base(path, config_dir), *argv))
+    assert inputs.quantization == BaseQuantization("int8", "torchao", text_encoders=True, denoiser=False)
+    components = inputs.base.load_components(quantization=inputs.quantization, torch_dtype=torch.float32)
+    transformer = components["transformer"]  # the file's GGUF blocks, not requantized by torchao
+    assert _quantized_layers_of(transformer) and transformer.hf_quantizer.quantization_config.quant_method == "gguf"
+    assert is_quantized(components["text_encoder_2"]) and is_quantized(components["text_encoder"])  # T5, CLIP
+    assert not is_quantized(components["vae"])
+
+    out = train("flux", tmp_path / "out", *_base(path, config_dir), *argv)
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "moslora_weights.safetensors")).values())
+
+
+def _base(path, config_dir) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(path), "--base_config", str(config_dir)]
+
+
+def _quantized_layers_of(model) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, GGUFLinear)]
 
 
 def test_a_missing_gguf_package_names_the_pip_command(tmp_path, capsys, monkeypatch):

@@ -92,9 +92,9 @@ class RunConfig:
     pretrained_model_name_or_path: str | None = flag(
         None,
         "Diffusers pipeline folder or hub id (family read from model_index.json), a single-file .safetensors "
-        "checkpoint (family read from its tensor names; see --base_config), a .gguf Flux or SD3 transformer "
-        "(kept block-quantized; the rest from --base_config), or "
-        "tiny:<sd15|sd2|sdxl|sd3|flux> for a tiny random offline pipeline (smoke runs).",
+        "checkpoint (family read from its tensor names; see --base_config), a .gguf transformer (Flux, SD3, "
+        "Chroma, ...; kept block-quantized, the rest from --base_config), or "
+        "tiny:<family> (sd15, sdxl, flux, ...) for a tiny random offline pipeline (smoke runs).",
         group=_BASE,
     )
     pretrained_vae_model_name_or_path: str | None = flag(
@@ -404,7 +404,10 @@ class RunConfig:
         choices=QUANTIZATION_BACKENDS,
     )
     quantize_text_encoders: bool = flag(
-        False, "Also quantize the frozen text encoders (e.g. T5-XXL) with --quantize_base.", group=_MEMORY
+        False,
+        "Also quantize the frozen text encoders (e.g. T5-XXL) with --quantize_base. Over a .gguf denoiser "
+        "(quantized in its file) --quantize_base KIND --quantize_text_encoders quantizes the text encoders only.",
+        group=_MEMORY,
     )
 
     # ---------------------------------------------------------------- objective

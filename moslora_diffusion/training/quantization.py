@@ -37,10 +37,11 @@ class BaseQuantization:
     kind: str
     backend: str
     text_encoders: bool = False  # also the text encoders that are not trained (T5-XXL, ...)
+    denoiser: bool = True  # False over a GGUF denoiser: quantized in its file, only the text encoders here
 
     def components(self, family, trained_text_encoders: tuple[str, ...], present: list[str]) -> list[str]:
         """The component names to quantize: the denoiser, and the frozen text encoders when asked."""
-        names = [family.denoiser]
+        names = [family.denoiser] if self.denoiser else []
         if self.text_encoders:
             names += [n for n in present if n.startswith("text_encoder") and n not in trained_text_encoders]
         return names

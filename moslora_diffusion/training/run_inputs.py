@@ -120,10 +120,13 @@ def resolve_run_inputs(config: RunConfig) -> tuple[RunConfig, RunInputs]:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if quantization is not None and base.is_gguf:
-        raise UsageError(
-            f"--pretrained_model_name_or_path {base.source} is a GGUF file, quantized already; "
-            "leave --quantize_base (and --quantize_text_encoders) out"
-        )
+        if not quantization.text_encoders:
+            raise UsageError(
+                f"--pretrained_model_name_or_path {base.source} is a GGUF file, quantized already; leave "
+                "--quantize_base out (or add --quantize_text_encoders to quantize only the frozen text encoders)"
+            )
+        # The GGUF denoiser keeps its own blocks; --quantize_base KIND applies to the frozen text encoders.
+        quantization = dataclasses.replace(quantization, denoiser=False)
     report_to = config.report_to
     if report_to is None:
         report_to = "tensorboard" if _tensorboard_available() else "none"
