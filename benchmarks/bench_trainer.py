@@ -18,8 +18,9 @@ Two trainers run, interleaved round by round:
 
 - ``ours``: ``moslora train`` (the ``moslora`` command's main, in a child that records timestamps);
   configurations ``uncached``, ``cached`` (--cache_latents), ``cached_text`` (--cache_latents and
-  --cache_text_encoder_outputs: neither VAE nor text encoder runs in a step) and ``class_images``
-  (--with_prior_preservation).
+  --cache_text_encoder_outputs: neither VAE nor text encoder runs in a step), ``compiled`` (both caches and
+  --compile: torch.compile's inductor on the denoiser; its first step holds the compile, outside the timed
+  steps) and ``class_images`` (--with_prior_preservation).
 - ``peer``: the code path of diffusers' examples/dreambooth/train_dreambooth_lora.py, re-enacted in
   :func:`peer_child`: its import block (less torchvision, which fails beside the CPU torch wheel, so the
   script itself cannot run here), its loading, PEFT LoRA injection, per-step text encoding, training loop
@@ -61,6 +62,7 @@ RUNS = [
     ("peer", "uncached"),
     ("ours", "cached"),
     ("ours", "cached_text"),
+    ("ours", "compiled"),
     ("ours", "class_images"),
     ("peer", "class_images"),
 ]
@@ -68,6 +70,7 @@ OURS_FLAGS = {
     "uncached": [],
     "cached": ["--cache_latents"],
     "cached_text": ["--cache_latents", "--cache_text_encoder_outputs"],
+    "compiled": ["--cache_latents", "--cache_text_encoder_outputs", "--compile"],
     "class_images": ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--num_class_images", str(NUM_CLASS_IMAGES),
                      "--num_inference_steps", str(CLASS_SAMPLING_STEPS), "--sample_batch_size", str(SAMPLE_BATCH_SIZE)],
 }  # fmt: skip
@@ -505,17 +508,29 @@ def markdown(report: dict) -> str:
         f"| cached / uncached steps/s (medians) | {med('ours:cached', 'steps_per_s') / med('ours:uncached', 'steps_per_s'):.2f} | | |",
         f"| steps/s, --cache_latents --cache_text_encoder_outputs | {cell('ours:cached_text', 'steps_per_s')} | (no such option) | |",
         f"| CPU ms per step, both caches | {cell('ours:cached_text', 'cpu_ms_per_step', '.0f')} | | |",
-        f"| steps/s x peer's path: uncached / --cache_latents / both caches (target >= 1 / >= 1.3 / >= 1.3) | "
+        f"| steps/s, both caches + --compile | {cell('ours:compiled', 'steps_per_s')} | (no such option) | |",
+        f"| CPU ms per step, both caches + --compile | {cell('ours:compiled', 'cpu_ms_per_step', '.0f')} | | |",
+        f"| first step with --compile: the compile (s) | {cell('ours:compiled', 'first_step_s', '.0f')} | | |",
+        f"| --compile / eager steps/s, both caches | {ratio('ours:compiled', 'steps_per_s', 'ours:cached_text'):.2f} | | |",
+        f"| steps/s x peer's path: uncached / --cache_latents / both caches / + --compile "
+        "(target >= 1 / >= 1.3 / >= 1.3 / >= 1.3) | "
         f"{ratio('ours:uncached', 'steps_per_s', 'peer:uncached'):.2f} / "
         f"{ratio('ours:cached', 'steps_per_s', 'peer:uncached'):.2f} / "
-        f"{ratio('ours:cached_text', 'steps_per_s', 'peer:uncached'):.2f} | 1 | |",
+        f"{ratio('ours:cached_text', 'steps_per_s', 'peer:uncached'):.2f} / "
+        f"{ratio('ours:compiled', 'steps_per_s', 'peer:uncached'):.2f} | 1 | |",
+        "| peer's CPU ms per step / ours: uncached / --cache_latents / both caches / + --compile | "
+        + " / ".join(
+            f"{ratio('peer:uncached', 'cpu_ms_per_step', f'ours:{config}'):.2f}"
+            for config in ("uncached", "cached", "cached_text", "compiled")
+        )
+        + " | 1 | |",
         f"| start-up x peer's path (target <= 1) | {ratio('ours:uncached', 'startup_s', 'peer:uncached'):.2f} | 1 | |",
         f"| {NUM_CLASS_IMAGES} class images, {CLASS_SAMPLING_STEPS} steps, batch {SAMPLE_BATCH_SIZE} (s) | {cell('ours:class_images', 'class_images_s')} "
         f"| {cell('peer:class_images', 'class_images_s')} | {PEER_FIGURES['class_images_s']} |",
         f"| CPU s for the class images | {cell('ours:class_images', 'class_images_cpu_s')} | {cell('peer:class_images', 'class_images_cpu_s')} | |",
         f"| class images x peer's path (target <= 1) | {ratio('ours:class_images', 'class_images_s', 'peer:class_images'):.2f} | 1 | |",
     ]
-    for config in ("uncached", "cached", "cached_text", "class_images"):
+    for config in ("uncached", "cached", "cached_text", "compiled", "class_images"):
         ours, peer = cell(f"ours:{config}", "peak_rss_mib", ".0f"), cell(f"peer:{config}", "peak_rss_mib", ".0f")
         if ours or peer:
             lines.append(f"| peak RSS, {config} run (MiB) | {ours} | {peer} | |")
