@@ -115,6 +115,55 @@ def test_an_adapted_gguf_layer_computes_the_dequantized_weight_plus_the_mixed_de
         assert layer.get_base_layer().weight.grad is None
 
 
+# Byte offsets of each K-quant block's fp16 scale fields (ggml's block_q*_K layouts): the rest of a block is
+# any bits at all, so random bytes with small finite scales are valid blocks.
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _k_quant_blocks(quant_type: str, rows: int, blocks_per_row: int, seed: int = 0) -> np.ndarray:
+    """Random valid ``quant_type`` blocks (gguf's Python quantizer has no K-quants): uint8 (rows, bytes)."""
+    values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row, size), dtype=np.uint8)
+    for offset in K_QUANT_SCALES[quant_type]:
+        scales = rng.uniform(1e-3, 1e-2, size=(rows, blocks_per_row)).astype(np.float16)
+        raw[:, :, offset : offset + 2] = scales[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("quant_type", list(K_QUANT_SCALES))
+def test_an_adapted_k_quant_layer_computes_the_dequantized_weight_plus_the_mixed_delta(quant_type):
+    """The K-quants community Flux files use (Q4_K_S, Q5_K_M, ...): 256-value blocks, wider than the tiny models,
+    so one 512-wide GGUFLinear; the reference weight is gguf-py's own numpy dequantization."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    qtype = gguf.GGMLQuantizationType[quant_type]
+    raw = _k_quant_blocks(quant_type, rows=8, blocks_per_row=2)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    net = torch.nn.Module()
+    net.proj = GGUFLinear(512, 8, compute_dtype=torch.float32)
+    net.proj.weight = GGUFParameter(torch.from_numpy(raw), quant_type=qtype)
+    add_moslora(net, MoSLoRAConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    ((_, layer),) = moslora_layers(net)
+    assert isinstance(layer.get_base_layer(), GGUFLinear)
+    weight = dequantize_gguf_tensor(layer.get_base_layer().weight).float()
+    # diffusers' torch dequantization against ggml's numpy one: equal up to its half-precision scale products
+    assert (weight - reference).abs().max() <= 1e-3 * reference.abs().max()
+
+    torch.manual_seed(0)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    x = torch.randn(3, 512)
+    a, m, b = (getattr(layer, f)["default"].weight for f in ("lora_A", "lora_mixer", "lora_B"))
+    leaves = [t.detach().clone().requires_grad_() for t in (a, m, b)]
+    expected = torch.nn.functional.linear(x, weight + layer.scaling["default"] * leaves[2] @ leaves[1] @ leaves[0])
+    y = layer(x)
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    for got, want in zip((a, m, b), leaves):
+        assert (got.grad - want.grad).abs().max() <= 1e-4 * want.grad.abs().max()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant_type", ["Q8_0", "Q4_0"])
 def test_an_adapter_trained_over_a_gguf_base_is_independent_of_the_quantization(quant_type, tmp_path):
