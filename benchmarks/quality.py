@@ -157,6 +157,10 @@ def parse_args(argv=None):
     if args.sweep and any(("lora", r) not in args.cells for r in args.ranks):
         p.error("--sweep compares every setting with plain LoRA at the same rank: --cells needs lora@RANK at each rank")
     args.resume = args.resume or args.report_only
+    log = Path(args.output_dir) / "sweep_runs.jsonl"
+    if args.sweep and not args.resume and log.is_file() and log.stat().st_size:
+        p.error(f"{log} holds an earlier sweep's runs: --resume continues it, --report_only tabulates it; "
+                "give another --output_dir for a new sweep (or delete the file)")  # fmt: skip
     return args
 
 
@@ -523,8 +527,9 @@ def main(argv=None) -> int:
     runs_dir = out / "runs"
     if runs_dir.exists():
         shutil.rmtree(runs_dir)
-    runs_dir.mkdir(parents=True)
-    prepare_subject(args, out)
+    if not args.report_only:  # --report_only trains nothing: no run folders, no captioned copy
+        runs_dir.mkdir(parents=True)
+        prepare_subject(args, out)
     class_dir = out / "class_images"
     started = time.perf_counter()
     pipe = load_base(args.base)
@@ -698,7 +703,7 @@ def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
             done.add((run_["method"], run_["rank"], run_["figures"]["seed"]))
         print(f"--resume: {len(done)} run(s) already in {log}", flush=True)
     elif log.exists():
-        log.unlink()
+        log.unlink()  # empty: parse_args refused a non-empty one
 
     def run(cells: list[tuple[str, int, int]]) -> None:
         tasks = [
@@ -738,8 +743,13 @@ def sweep(args, out, runs_dir, class_dir, base_figures, started) -> int:
         if (control, cell[1]) in results  # --report_only: controls not run yet
     }
     minutes = (time.perf_counter() - started) / 60
+    trained = sum(x.get("train_seconds", 0.0) for runs in results.values() for x in runs) / 60
+    header = protocol(args, minutes)
+    if done and not args.report_only:
+        header += f" for the runs not yet in {log.name}, {len(done)} taken from it (--resume)"
+    header += f"; {sum(map(len, results.values()))} runs, {trained:.0f} min of training summed over them"
 
-    lines = [protocol(args, minutes), ""]
+    lines = [header, ""]
     lines.append(
         "Each setting against plain LoRA (`lora`) at the same rank: exact two-sided rank-sum p-value, and Holm's "
         "correction over the settings compared at that rank (one family per rank and metric)."

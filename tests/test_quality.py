@@ -100,7 +100,7 @@ def test_a_win_needs_a_corrected_p_below_005_in_moslora_s_favour():
     assert [(cell, metric) for cell, metric, *_ in found] == [(("moslora_orth", 8), "fidelity")]
 
 
-def test_quick_sweep_writes_its_table_log_and_figure(tmp_path):
+def test_quick_sweep_writes_its_table_log_and_figure(tmp_path, capsys):
     """LoRA and MoSLoRA at one rank, a few steps each: the table, the per-run log --resume reads, the figure."""
     argv = ["--sweep", "--quick", "--cells", "lora@2,moslora@2", "--captions", "--no_prior_preservation",
             "--output_dir", str(tmp_path), "--threads", "2"]  # fmt: skip
@@ -118,6 +118,11 @@ def test_quick_sweep_writes_its_table_log_and_figure(tmp_path):
     assert quality.main([*argv, "--resume"]) == 0
     assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "sweep.md").read_text().split("\n")[2:] == text.split("\n")[2:]  # the first line has the time
+    # Without --resume the run log is not thrown away: one line, exit status 2, the log as it was.
+    with pytest.raises(SystemExit) as exit_:
+        quality.parse_args(argv)
+    assert exit_.value.code == 2 and "--resume continues it" in capsys.readouterr().err
+    assert len((tmp_path / "sweep_runs.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_sweep_without_plain_lora_at_a_rank_is_refused(capsys):
