@@ -139,6 +139,9 @@ def quantize(model: torch.nn.Module, base: str) -> None:
 
         quanto.quantize(model, weights=quanto.qint8 if kind == "int8" else quanto.qfloat8)
         quanto.freeze(model)
+        from moslora_diffusion.training.base_model import contiguous_quanto_inputs
+
+        contiguous_quanto_inputs(model)  # as the trainer does: quanto's bf16 int8 CPU kernel needs them
     elif backend == "bnb":
         _replace_with_bnb(model, kind)
     elif backend == "gguf":
@@ -438,6 +441,9 @@ def project(low: dict, high: dict, wide: dict, shape: Shape) -> dict:
     }
 
 
+FAILURES: dict[str, str] = {}  # run key -> the last line of its error, this invocation
+
+
 def measure(model: str, base: str, units: int, resolution: int, text_tokens: int, args, cache: dict) -> dict | None:
     key = f"{model}|{base}|{units}|{resolution}|{text_tokens}|{args.device}|{args.steps}"
     if key not in cache:
@@ -446,7 +452,9 @@ def measure(model: str, base: str, units: int, resolution: int, text_tokens: int
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or not lines:
-            print(f"{key}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{key}: failed: {reason}", flush=True)
+            FAILURES[key] = reason  # listed under the tables: a row missing says why
             return None
         cache[key] = json.loads(lines[-1])
         if args.cache:
@@ -466,6 +474,8 @@ def run_all(args) -> list[dict]:
         shape = SHAPES[model]
         resolution = args.resolution or {"sdxl": 256, "flux": 128}[model]
         for base in args.bases:
+            if base.endswith("-gguf") and model == "sdxl":
+                continue  # a .gguf base is a transformer's (diffusers reads GGUF linear layers only)
             runs = [(units, resolution) for units in shape.depths] + [(shape.depths[0], 2 * resolution)]
             measured = []
             for units, px in runs:
@@ -493,7 +503,9 @@ def markdown(rows: list[dict], device: str) -> str:
            "(no text encoder or VAE loaded). See benchmarks/bench_memory.py for the method.", "",
            "## Measured (full width, reduced depth)", "",
            f"Step time: the last of {rows[0]['measured'][0]['steps'] if rows else '?'} step(s) per run "
-           "(with 1, it includes AdamW's set-up); on a shared CPU, for comparison within this table only.", "",
+           "(with 1, it includes AdamW's set-up); on a shared CPU. Rows reused from --cache may have run on another "
+           "day under another load (rows without a last loss predate its recording): compare step times only "
+           "between rows of one model and base.", "",
            "| model | base | units | px | parameters | weights GB | step peak over weights GB | step s | last loss | adapter finite |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
@@ -520,6 +532,15 @@ def markdown(rows: list[dict], device: str) -> str:
         )
     units = "; ".join(f"{name}: {shape.full_depth} x {shape.unit}" for name, shape in SHAPES.items())
     out += ["", f"Full depth: {units}."]
+    if device == "cpu" and any(row["measured"][0]["base"].endswith("-gguf") for row in rows):
+        out += ["", "GGUF rows on the CPU: diffusers' GGUFLinear dequantizes each weight to bf16 in every forward "
+                "(and again in checkpointing's recompute), and the resident high-water mark counts such transient "
+                "copies; the step's fixed part grows with depth several times faster than for the other bases (why, "
+                "exactly, was not established), so its projection is likely an upper bound. The weights column is "
+                "the solid part. The CUDA figure is what benchmarks/device/gpu_benchmarks.sh measures."]  # fmt: skip
+    if FAILURES:
+        out += ["", "Runs that failed (their rows are missing):", ""]
+        out += [f"- `{key}`: {reason}" for key, reason in FAILURES.items()]
     if device == "cpu":
         out += ["", "bitsandbytes int8 / nf4 need CUDA and are not measured here (`--device cuda`). torchao quantizes "
                 "linear layers only (SDXL's convolutions stay bf16); optimum-quanto quantizes convolutions too."]  # fmt: skip

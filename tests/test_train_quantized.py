@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_support import PROMPT, run_main, tiny_run_argv, train
+from train_support import PROMPT, native_adapter, run_main, tiny_run_argv, train
 
 from moslora_diffusion.families import get_family
 from moslora_diffusion.loaders import load_moslora_weights
@@ -117,3 +117,15 @@ def test_an_adapter_trained_over_an_int8_base_is_independent_of_the_quantization
     assert load_moslora_weights(native, out, weight_name="moslora_weights.safetensors", trainable=True) == "native"
     for other in (_image(kohya), _image(native)):
         assert np.abs(other - folded).max() <= 1e-5
+
+
+@pytest.mark.skipif(not _HAS_QUANTO, reason="optimum-quanto is not installed")
+def test_quanto_int8_trains_sdxl_in_bf16_on_the_cpu(tmp_path):
+    """optimum-quanto's bf16 int8 CPU kernel refuses SDXL's proj_in input (a permuted feature map, strided last
+    dimension); the trainer hands quanto layers contiguous inputs, so the run trains instead of crashing."""
+    out = train(
+        "sdxl", tmp_path / "out", "--quantize_base", "int8", "--quantization_backend", "quanto",
+        "--mixed_precision", "bf16", "--max_train_steps", "2",
+    )  # fmt: skip
+    adapter = native_adapter(out)
+    assert adapter and all(torch.isfinite(t.float()).all() for t in adapter.values())
