@@ -22,7 +22,9 @@ checkpointing keeps for every block (tokens x width x 2 bytes x blocks, computed
 Linear in tokens holds on CUDA (memory-efficient attention keeps no tokens^2 matrix). The CUDA context
 (~0.5 GB, added in the fit columns) and allocator fragmentation are not in the CPU figures.
 
-    python benchmarks/bench_memory.py --resolution 64 --steps 1   # what results/memory_cpu.md ran (~15 min, 2 busy cores)
+    python benchmarks/bench_memory.py --resolution 64 --steps 1   # the first rows of results/memory_cpu.md (~15 min)
+    python benchmarks/bench_memory.py --resolution 64 --steps 1 --cache benchmarks/results/memory_cpu_runs.json \
+        --bases bf16 int8-torchao fp8-quanto int8-quanto q8_0-gguf q4_0-gguf q8_0-gguf_stock q4_0-gguf_stock
     python benchmarks/bench_memory.py --device cuda --resolution 1024 --bases bf16 int8-bnb nf4-bnb
     python benchmarks/bench_memory.py --device cuda --models flux --resolution 512 --bases bf16 nf4-bnb q4_0-gguf
 
@@ -60,7 +62,10 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 16
 GB = 1024**3
-BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto", "int8-quanto", "int8-bnb", "nf4-bnb", "q4_0-gguf", "q8_0-gguf")
+# GGUF: "-gguf" as the trainer loads a .gguf base (dequantized again in the backward, nothing kept),
+# "-gguf_stock" diffusers' GGUFLinear unchanged (autograd keeps every layer's dequantized weight for the backward).
+BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto", "int8-quanto", "int8-bnb", "nf4-bnb", "q4_0-gguf", "q8_0-gguf",
+         "q4_0-gguf_stock", "q8_0-gguf_stock")  # fmt: skip
 CPU_BASES = ("fp32", "bf16", "int8-torchao", "fp8-quanto")
 
 
@@ -144,8 +149,12 @@ def quantize(model: torch.nn.Module, base: str) -> None:
         contiguous_quanto_inputs(model)  # as the trainer does: quanto's bf16 int8 CPU kernel needs them
     elif backend == "bnb":
         _replace_with_bnb(model, kind)
-    elif backend == "gguf":
+    elif backend in ("gguf", "gguf_stock"):
         _replace_with_gguf(model, kind)
+        if backend == "gguf":
+            from moslora_diffusion.gguf_bases import dequantize_again_in_backward
+
+            dequantize_again_in_backward(model)  # as the trainer loads a .gguf base
 
 
 def _replace_with_bnb(model: torch.nn.Module, kind: str) -> None:
@@ -233,7 +242,7 @@ def worker(model_name: str, base: str, units: int, resolution: int, text_tokens:
     dtype = torch.float32 if base == "fp32" else torch.bfloat16
     torch.set_default_dtype(dtype)
     # bitsandbytes quantizes on the move to the GPU; gguf's quantizer is numpy
-    with torch.device("cpu" if base.endswith(("-bnb", "-gguf")) else device):
+    with torch.device("cpu" if base.endswith(("-bnb", "-gguf", "-gguf_stock")) else device):
         model = build(model_name, units)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
@@ -474,7 +483,7 @@ def run_all(args) -> list[dict]:
         shape = SHAPES[model]
         resolution = args.resolution or {"sdxl": 256, "flux": 128}[model]
         for base in args.bases:
-            if base.endswith("-gguf") and model == "sdxl":
+            if "-gguf" in base and model == "sdxl":
                 continue  # a .gguf base is a transformer's (diffusers reads GGUF linear layers only)
             runs = [(units, resolution) for units in shape.depths] + [(shape.depths[0], 2 * resolution)]
             measured = []
@@ -532,7 +541,7 @@ def markdown(rows: list[dict], device: str) -> str:
         )
     units = "; ".join(f"{name}: {shape.full_depth} x {shape.unit}" for name, shape in SHAPES.items())
     out += ["", f"Full depth: {units}."]
-    if device == "cpu" and any(row["measured"][0]["base"].endswith("-gguf") for row in rows):
+    if device == "cpu" and any("-gguf" in row["measured"][0]["base"] for row in rows):
         out += ["", "GGUF rows on the CPU: diffusers' GGUFLinear dequantizes each weight to bf16 in every forward "
                 "(and again in checkpointing's recompute), and the resident high-water mark counts such transient "
                 "copies; the step's fixed part grows with depth several times faster than for the other bases (why, "

@@ -8,7 +8,9 @@ compute_dtype))``; its ``GGUFLinear`` keeps the blocks and dequantizes them in e
 
     y = dequant(Wq) x + b + s * B M A x          gradients reach A, M and B only (Wq is frozen bytes)
 
-The MoSLoRA layer wraps ``GGUFLinear`` as any linear layer (PEFT's generic path). No backend requantizes
+The MoSLoRA layer wraps ``GGUFLinear`` as any linear layer (PEFT's generic path). For training, every
+``GGUFLinear`` dequantizes again in the backward rather than letting autograd keep its dequantized weight
+(:func:`dequantize_again_in_backward`). No backend requantizes
 llama.cpp's blocks, so merging into a GGUF layer or file refuses in one line: merge into the full-precision
 file or folder the GGUF was made from. Only the denoiser comes from the file; everything else (configs,
 tokenizers, text encoders, VAE) from ``--base_config``.
@@ -72,3 +74,46 @@ def refuse_merge_into_gguf(path: str | os.PathLike) -> None:
             "rewrite; merge into the full-precision .safetensors file or diffusers folder it was made from "
             "(the adapter trained over the GGUF loads there unchanged)"
         )
+
+
+class _DequantizeAgainInBackward(torch.autograd.Function):
+    """y = x dequant(Wq)^T + b, saving nothing: the backward dequantizes Wq again for dL/dx.
+
+    Through ``torch.nn.functional.linear`` autograd keeps each layer's dequantized weight until the backward,
+    a full-precision copy of every GGUF layer the step ran (without gradient checkpointing: the whole
+    transformer at compute precision, so a Q4_0 base held more memory in training than a bf16 one).
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        ctx.layer = layer
+        weight = dequantize_gguf_tensor(layer.weight).to(layer.compute_dtype)
+        bias = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
+        return torch.nn.functional.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        weight = dequantize_gguf_tensor(ctx.layer.weight).to(ctx.layer.compute_dtype)
+        return grad_output @ weight.to(grad_output.dtype), None
+
+
+def _lean_forward_native(layer: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and inputs.requires_grad:
+        return _DequantizeAgainInBackward.apply(inputs, layer)
+    return type(layer).forward_native(layer, inputs)  # nothing is saved without a gradient to carry
+
+
+def dequantize_again_in_backward(model: torch.nn.Module) -> int:
+    """Make every diffusers ``GGUFLinear`` in ``model`` keep no dequantized weight for the backward (it
+    dequantizes again there: one more dequantization per layer and step, for a full-precision copy of the
+    weights less in memory). Outputs and gradients are unchanged. Returns the number of layers changed."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    layers = [module for module in model.modules() if isinstance(module, GGUFLinear)]
+    for layer in layers:
+        layer.forward_native = _lean_forward_native.__get__(layer)
+    return len(layers)

@@ -115,6 +115,53 @@ def test_an_adapted_gguf_layer_computes_the_dequantized_weight_plus_the_mixed_de
         assert layer.get_base_layer().weight.grad is None
 
 
+def _saved_bytes_and_grads(layer, x):
+    """(largest tensor autograd saved in the forward, output, dL/dx, dL/dA, dL/dM, dL/dB) of ``layer`` on ``x``."""
+    saved = []
+    x = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        y = layer(x)
+    y.square().sum().backward()
+    grads = [getattr(layer, f)["default"].weight.grad.clone() for f in ("lora_A", "lora_mixer", "lora_B")]
+    for f in ("lora_A", "lora_mixer", "lora_B"):
+        getattr(layer, f)["default"].weight.grad = None
+    return max(saved), y.detach(), x.grad, *grads
+
+
+@pytest.mark.parametrize("quant_type", ["Q8_0", "Q4_0"])
+def test_gguf_layers_keep_no_dequantized_weight_for_the_backward(quant_type):
+    """Through F.linear autograd keeps each GGUF layer's dequantized weight until the backward (a full-precision
+    copy of the model without gradient checkpointing); the trainer's GGUF layers dequantize again instead.
+    Outputs and gradients are the same tensors."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from moslora_diffusion.gguf_bases import dequantize_again_in_backward
+
+    qtype = gguf.GGMLQuantizationType[quant_type]
+    torch.manual_seed(0)
+    weight = torch.randn(256, 256)
+    net = torch.nn.Module()
+    net.proj = GGUFLinear(256, 256, bias=True, compute_dtype=torch.float32)
+    net.proj.weight = GGUFParameter(torch.from_numpy(gguf.quants.quantize(weight.numpy(), qtype)), quant_type=qtype)
+    net.proj.bias = torch.nn.Parameter(torch.randn(256), requires_grad=False)
+    add_moslora(net, MoSLoRAConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    ((_, layer),) = moslora_layers(net)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    x = torch.randn(2, 8, 256)
+
+    stock = _saved_bytes_and_grads(layer, x)
+    assert dequantize_again_in_backward(net) == 1
+    lean = _saved_bytes_and_grads(layer, x)
+    weight_bytes = 256 * 256 * 4
+    assert stock[0] >= weight_bytes and lean[0] < weight_bytes  # the fp32 weight copy is gone
+    for got, want in zip(lean[1:], stock[1:]):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # no gradient, the stock path
+        assert torch.equal(layer(x), stock[1])
+
+
 # Byte offsets of each K-quant block's fp16 scale fields (ggml's block_q*_K layouts): the rest of a block is
 # any bits at all, so random bytes with small finite scales are valid blocks.
 K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -294,6 +341,8 @@ def test_quantize_text_encoders_over_a_gguf_base_quantizes_the_text_encoders_onl
     assert _quantized_layers_of(transformer) and transformer.hf_quantizer.quantization_config.quant_method == "gguf"
     assert is_quantized(components["text_encoder_2"]) and is_quantized(components["text_encoder"])  # T5, CLIP
     assert not is_quantized(components["vae"])
+    lean = [m for m in transformer.modules() if isinstance(m, GGUFLinear) and "forward_native" in vars(m)]
+    assert lean and len(lean) == len(_quantized_layers_of(transformer))  # the trainer's lean GGUF backward
 
     out = train("flux", tmp_path / "out", *_base(path, config_dir), *argv)
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "moslora_weights.safetensors")).values())

@@ -37,7 +37,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   SDXL="--ranks 4 --rounds 1 --no-rss"
   FLUX_STEPS=4
   MEM="--device $DEVICE --resolution 64 --steps 1"
-  MEM_FLUX="bf16 q4_0-gguf" MEM_ROWS_FLUX="fp32" MEM_ROWS_SDXL="fp32"
+  MEM_FLUX="bf16 q4_0-gguf q4_0-gguf_stock" MEM_ROWS_FLUX="fp32" MEM_ROWS_SDXL="fp32"
   T1=300 T2=300 T3=300 T4=600 T5=900 T6=900
 else
   G="--device $DEVICE --dtype bf16"
@@ -47,7 +47,7 @@ else
   FLUX_STEPS=200
   # measured at 512 px and (the smaller depth) 1024 px, projected to full depth at 1024 px
   MEM="--device $DEVICE --resolution 512 --steps 3"
-  MEM_FLUX="bf16 nf4-bnb q4_0-gguf" MEM_ROWS_FLUX="fp32 int8-bnb" MEM_ROWS_SDXL="fp32 bf16 int8-bnb nf4-bnb"
+  MEM_FLUX="bf16 nf4-bnb q4_0-gguf q4_0-gguf_stock" MEM_ROWS_FLUX="fp32 int8-bnb" MEM_ROWS_SDXL="fp32 bf16 int8-bnb nf4-bnb"
   T1=120 T2=180 T3=220 T4=120 T5=240 T6=200
 fi
 M="peft_lora moslora moslora_v1"

@@ -99,6 +99,10 @@ class BaseModel:
                     self.family, self.model_index, quantization, torch_dtype, trained_text_encoders
                 ),
             )
+        if self.is_gguf:
+            from ..gguf_bases import dequantize_again_in_backward
+
+            dequantize_again_in_backward(components[self.family.denoiser])
         if quantization is not None and quantization.backend == "quanto":
             for model in components.values():
                 contiguous_quanto_inputs(model)
