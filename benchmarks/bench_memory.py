@@ -144,7 +144,7 @@ def quantize(model: torch.nn.Module, base: str) -> None:
 
         quanto.quantize(model, weights=quanto.qint8 if kind == "int8" else quanto.qfloat8)
         quanto.freeze(model)
-        from moslora_diffusion.training.base_model import contiguous_quanto_inputs
+        from moslora_diffusion.training.quantization import contiguous_quanto_inputs
 
         contiguous_quanto_inputs(model)  # as the trainer does: quanto's bf16 int8 CPU kernel needs them
     elif backend == "bnb":

@@ -86,12 +86,8 @@ class _DequantizeAgainInBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
         ctx.layer = layer
-        weight = dequantize_gguf_tensor(layer.weight).to(layer.compute_dtype)
-        bias = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
-        return torch.nn.functional.linear(inputs, weight, bias)
+        return type(layer).forward_native(layer, inputs)  # diffusers' own forward; no autograd records here
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

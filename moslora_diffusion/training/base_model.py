@@ -104,27 +104,14 @@ class BaseModel:
 
             dequantize_again_in_backward(components[self.family.denoiser])
         if quantization is not None and quantization.backend == "quanto":
+            from .quantization import contiguous_quanto_inputs
+
             for model in components.values():
                 contiguous_quanto_inputs(model)
         return components
 
     def build_pipeline(self, components: dict[str, Any]):
         return self.family.build_pipeline(components, self.model_index)
-
-
-def contiguous_quanto_inputs(model) -> None:
-    """optimum-quanto's int8 CPU kernel (torch._weight_int8pack_mm, bf16) refuses an input whose last dimension
-    is strided, as SD2/SDXL's proj_in gets one (a permuted feature map): give every quanto linear layer a
-    contiguous input (a no-op where it already is)."""
-    import torch
-    from optimum.quanto.nn import QLinear
-
-    if not isinstance(model, torch.nn.Module):
-        return
-
-    for module in model.modules():
-        if isinstance(module, QLinear):
-            module.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
 
 
 def quantized_load_kwargs(family, model_index: dict, quantization, torch_dtype, trained_text_encoders) -> dict:

@@ -97,3 +97,16 @@ def resolve_quantization(kind: str | None, backend: str, text_encoders: bool, cu
 def is_quantized(model: Any) -> bool:
     """Whether ``model`` was loaded with a quantization config (its weights must not be cast)."""
     return getattr(model, "hf_quantizer", None) is not None
+
+
+def contiguous_quanto_inputs(model) -> None:
+    """optimum-quanto's int8 CPU kernel (torch._weight_int8pack_mm, bf16) refuses an input whose last dimension
+    is strided, as SD2/SDXL's proj_in gets one (a permuted feature map): give every quanto linear layer a
+    contiguous input (a no-op where it already is)."""
+    from optimum.quanto.nn import QLinear
+
+    if not isinstance(model, torch.nn.Module):
+        return
+    for module in model.modules():
+        if isinstance(module, QLinear):
+            module.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
